@@ -201,39 +201,46 @@ class Block(nn.Module):
 class LinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of logits = h @ W[:V].T, a chunk of rows at a time.
 
-    The full (N, V) logits never exist: each chunk's gradient (softmax - onehot) is turned into
-    dh and dW in the forward pass, so backward only rescales them. The same idea as Liger
-    Kernel's fused linear cross-entropy (arXiv:2410.10989)."""
+    The full (N, V) logits never exist: each chunk's gradient of the sum, softmax - onehot, is
+    turned into dh and dW in the forward pass, and backward only scales them. The same idea as
+    Liger Kernel's fused linear cross-entropy (arXiv:2410.10989)."""
 
     @staticmethod
     def forward(ctx, h, weight, targets, vocab_size: int, rows: int, with_grad: bool):
-        n_valid = max(int((targets != IGNORE_INDEX).sum()), 1)
         loss = torch.zeros((), device=h.device)
         dh = torch.zeros_like(h, dtype=torch.float32) if with_grad else None
         dw = torch.zeros_like(weight, dtype=torch.float32) if with_grad else None
+        w = weight[:vocab_size]
         for s in range(0, h.shape[0], rows):
             hc, tc = h[s:s + rows], targets[s:s + rows]
             valid = tc != IGNORE_INDEX
             tc = tc.masked_fill(~valid, 0)
-            logits = (hc @ weight.T)[:, :vocab_size].float()  # (rows, V)
+            logits = (hc @ w.T).float()  # (rows, V); fp16 matmul under autocast
             lse = torch.logsumexp(logits, dim=-1)
             loss += ((lse - logits.gather(1, tc[:, None]).squeeze(1)) * valid).sum()
             if with_grad:
                 g = logits.sub_(lse[:, None]).exp_()  # softmax, in place
                 g[torch.arange(len(tc), device=g.device), tc] -= 1.0
-                g *= valid[:, None] / n_valid  # scaled to the mean so fp16 matmuls stay in range
-                dh[s:s + rows] = g @ weight[:vocab_size]
-                dw[:vocab_size] += g.T @ hc
+                g *= valid[:, None]
+                # Under fp16 autocast, scale g by a power of two (exact) so that g @ W and
+                # g.T @ h stay below fp16's max of 65504, like GradScaler does for the model.
+                bound = torch.maximum(g.abs().sum(0).max() * hc.abs().max(),
+                                      g.abs().sum(1).max() * w.abs().max())
+                scale = torch.exp2(torch.floor(torch.log2(2.0**15 / bound.clamp_min(1e-30))))
+                scale = scale if torch.is_autocast_enabled(h.device.type) else 1.0
+                g = g * scale
+                dh[s:s + rows] = (g @ w).float() / scale
+                dw[:vocab_size] += (g.T @ hc).float() / scale
         if with_grad:
             ctx.save_for_backward(dh, dw)
-            ctx.n_valid, ctx.h_dtype, ctx.w_dtype = n_valid, h.dtype, weight.dtype
+            ctx.dtypes = h.dtype, weight.dtype
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         dh, dw = ctx.saved_tensors
-        scale = grad_loss * ctx.n_valid
-        return (dh * scale).to(ctx.h_dtype), (dw * scale).to(ctx.w_dtype), None, None, None, None
+        return (dh * grad_loss).to(ctx.dtypes[0]), (dw * grad_loss).to(ctx.dtypes[1]), \
+            None, None, None, None
 
 
 def cross_entropy_sum(h, weight, targets, vocab_size: int, chunk_rows: int = 0):

@@ -45,3 +45,44 @@ def base_tok(base_dir):
 def hf_base(base_dir):
     from transformers import AutoModelForCausalLM
     return AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def merged_dir(base_dir, tmp_path_factory):
+    """The reference merge: 8,981 Korean tokens from the bundled corpus into the real base."""
+    import data
+    import tokenizer
+    out = tmp_path_factory.mktemp("merged")
+    tokenizer.build(base_dir, out, data.iter_texts([data.BUNDLED["ko_train"]]),
+                    tokenizer.REFERENCE_NEW_TOKENS)
+    return out
+
+
+@pytest.fixture(scope="session")
+def merged(merged_dir):
+    from tokenizers import Tokenizer
+    return Tokenizer.from_file(str(merged_dir / "tokenizer.json"))
+
+
+@pytest.fixture(scope="session")
+def emap(merged_dir):
+    import json
+    return json.loads((merged_dir / "eeve_map.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory, base_dir) -> Path:
+    """A small random Llama with the real SmolLM2 tokenizer: the trainer's tests run on it."""
+    import shutil
+
+    from model import preset
+    out = tmp_path_factory.mktemp("tiny_base")
+    torch.manual_seed(0)
+    model = Llama(preset("tiny", vocab_size=49152, max_seq_len=512))
+    for p in model.parameters():
+        if p.ndim == 2:  # GPT-2's init scale, so that the random model's loss is ~ln(vocab)
+            torch.nn.init.normal_(p, std=0.02)
+    model.save_pretrained(out, bos_token_id=1, eos_token_id=2)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(base_dir / name, out / name)
+    return out

@@ -13,23 +13,6 @@ import tokenizer as T
 NEW = T.REFERENCE_NEW_TOKENS
 
 
-@pytest.fixture(scope="session")
-def merged_dir(base_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("merged")
-    T.build(base_dir, out, data.iter_texts([data.BUNDLED["ko_train"]]), NEW)
-    return out
-
-
-@pytest.fixture(scope="session")
-def merged(merged_dir):
-    return Tokenizer.from_file(str(merged_dir / "tokenizer.json"))
-
-
-@pytest.fixture(scope="session")
-def emap(merged_dir):
-    return json.loads((merged_dir / "eeve_map.json").read_text())
-
-
 def non_korean_lines() -> list:
     """A few hundred varied lines with no Hangul: prose, code, numbers, emoji, other scripts."""
     prose = [line for doc in data.iter_texts([data.BUNDLED["en_eval"]])

@@ -1,0 +1,145 @@
+"""bori.py: the phases, EEVE init, DDP equivalence, exact resume and the demo preset."""
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ENGLISH, ROOT
+from safetensors.torch import load_file
+
+import bori
+import data
+from model import expand_vocab
+
+
+def tiny_flags(out, base, **overrides) -> list:
+    """A complete but tiny run: a random 2-layer model with the real tokenizer, bundled text."""
+    flags = dict(out_dir=out, base=base, data_ko=data.BUNDLED["ko_train"],
+                 data_en=data.BUNDLED["en_train"], eval_ko=data.BUNDLED["ko_eval"],
+                 eval_en=data.BUNDLED["en_eval"], eval_bytes=1500, new_tokens=300,
+                 tokenizer_bytes=300_000, seq_len=32, micro_batch=2, batch_tokens=128,
+                 steps_1a=6, lr_1a=1e-2, warmup_1a=1, decay_1a=2, steps_1b=6, lr_1b=1e-2,
+                 warmup_1b=1, decay_1b=2, grad_checkpointing=True, eval_every=3,
+                 ckpt_every=2, log_every=1, sample_tokens=4, device="cpu")
+    flags.update(overrides)
+    return [f"--{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in flags.items()]
+
+
+def weights(folder):
+    return load_file(str(folder / "model.safetensors"))
+
+
+def logged(out):
+    """Every metrics record but the wall-clock ones."""
+    clock = ("tok_per_s", "mfu")
+    return [{k: v for k, v in r.items() if k not in clock}
+            for r in map(json.loads, open(out / "metrics.jsonl"))]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_base):
+    out = tmp_path_factory.mktemp("run")
+    assert bori.main(tiny_flags(out, tiny_base)) == 0
+    return out
+
+
+def test_phase_1a_trains_only_embeddings_and_1b_everything(tiny_run):
+    init, a, b = (weights(tiny_run / p) for p in ("init", "phase1a/model", "phase1b/model"))
+    assert set(init) == set(a) == set(b)
+    for key in init:
+        changed = not torch.equal(init[key], a[key])
+        assert changed == (key == "model.embed_tokens.weight"), key
+        assert not torch.equal(a[key], b[key]), key
+
+
+def test_phase_1a_new_rows_only_keeps_old_rows_bit_identical(tmp_path, tiny_base):
+    assert bori.main(tiny_flags(tmp_path, tiny_base, new_rows_only=True, steps_1b=1,
+                                warmup_1b=0, decay_1b=1)) == 0
+    before = weights(tmp_path / "init")["model.embed_tokens.weight"]
+    after = weights(tmp_path / "phase1a/model")["model.embed_tokens.weight"]
+    assert torch.equal(after[:49152], before[:49152])
+    assert (after[49152:] != before[49152:]).any(dim=1).all()  # every new row moved
+
+
+def test_eeve_rows_are_the_mean_of_their_pieces(tiny_run, tiny_base):
+    emap = json.loads((tiny_run / "tokenizer" / "eeve_map.json").read_text())
+    base = weights(tiny_base)["model.embed_tokens.weight"]
+    init = weights(tiny_run / "init")["model.embed_tokens.weight"]
+    assert init.shape[0] == 49152 + 300
+    assert torch.equal(init[:49152], base)
+    for i, pieces in enumerate(emap["pieces"]):
+        expected = base[pieces].double().mean(0).float()
+        assert torch.allclose(init[49152 + i], expected, atol=1e-7), i
+
+
+def test_expanded_real_model_keeps_base_logits_on_english(base_model, merged, emap):
+    expanded = expand_vocab(copy.deepcopy(base_model), emap["pieces"], "eeve")
+    assert expanded.cfg.vocab_size == 58133
+    for text in ENGLISH:
+        ids = merged.encode(text).ids
+        assert max(ids) < 49152  # English uses base tokens only
+        idx = torch.tensor([ids])
+        with torch.no_grad():
+            new, old = expanded(idx), base_model(idx)
+        assert torch.equal(new[..., :49152], old)
+
+
+def digits_corpus(path, n_docs=64):
+    """Documents of exactly 32 single-digit tokens: with EOS each fills one 33-token block."""
+    gen = torch.Generator().manual_seed(0)
+    docs = ["".join(map(str, torch.randint(0, 10, (32,), generator=gen).tolist()))
+            for _ in range(n_docs)]
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return path
+
+
+def test_two_process_ddp_equals_one_process_with_double_accumulation(tmp_path, tiny_base):
+    corpus = digits_corpus(tmp_path / "digits.jsonl")
+    common = dict(data_ko=corpus, tokenizer_data=data.BUNDLED["ko_train"], mix_1b="ko=1.0",
+                  micro_batch=2, batch_tokens=128, ckpt_every=100, eval_every=100,
+                  steps_1a=3, steps_1b=3, lr_1a=1e-3, lr_1b=1e-3)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          "--master_port=29517", str(ROOT / "bori.py"),
+                          *tiny_flags(tmp_path / "two", tiny_base, **common)],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert json.loads((tmp_path / "two" / "config.json").read_text())["grad_accum"] == 1
+    one = bori.main(tiny_flags(tmp_path / "one", tiny_base, **common))
+    assert one == 0
+    assert json.loads((tmp_path / "one" / "config.json").read_text())["grad_accum"] == 2
+    a, b = weights(tmp_path / "two" / "final"), weights(tmp_path / "one" / "final")
+    for key in a:
+        assert (a[key] - b[key]).abs().max() <= 1e-5, key
+    assert not torch.equal(a["model.norm.weight"], weights(tiny_base)["model.norm.weight"])
+
+
+def test_stopping_and_rerunning_equals_an_uninterrupted_run(tmp_path, tiny_base, tiny_run):
+    flags = tiny_flags(tmp_path, tiny_base, stop_after_steps=2)
+    codes = []
+    while not codes or codes[-1] == bori.EXIT_INTERRUPTED:
+        codes.append(bori.main(flags))  # the same command, again and again
+        assert len(codes) < 20
+    assert codes[-1] == 0 and len(codes) > 4
+    for key, value in weights(tiny_run / "final").items():
+        assert torch.equal(value, weights(tmp_path / "final")[key]), key
+    assert logged(tmp_path) == logged(tiny_run)
+
+
+def test_demo_preset_end_to_end_and_loads_in_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    out = tmp_path / "demo"
+    code = bori.main(["--preset=demo", f"--out_dir={out}", "--steps_1a=2", "--warmup_1a=1",
+                      "--decay_1a=1", "--steps_1b=2", "--warmup_1b=1", "--decay_1b=1",
+                      "--eval_bytes=1500", "--sample_tokens=4"])
+    assert code == 0
+    hf = AutoModelForCausalLM.from_pretrained(out / "final", dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(out / "final")
+    assert hf.config.vocab_size == len(tok) == 58133
+    ids = tok("대한민국의 수도는", return_tensors="pt")
+    gen = hf.generate(**ids, max_new_tokens=8, do_sample=False)
+    assert gen.shape[1] > ids["input_ids"].shape[1]
+    assert isinstance(tok.decode(gen[0]), str)
