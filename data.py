@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parent
 BUNDLED = {name: str(ROOT / "data" / f"{name}.jsonl")
            for name in ("ko_train", "ko_eval", "en_train", "en_eval")}
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
+EOS_TOKEN = "<|endoftext|>"  # SmolLM2's document separator in pre-training; it adds no BOS
 
 
 @dataclass
@@ -276,7 +277,7 @@ def benchmark(tokenizer_dir: str, seconds: float = 10.0) -> float:
     os.environ["RAYON_NUM_THREADS"] = "1"  # tokenizers' thread pool, read at first use
     tok = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
     mix = Mixture({"ko": Source("ko", BUNDLED["ko_train"])}, {"ko": 1.0}, tok,
-                  tok.token_to_id("<|endoftext|>"), seq_len=2048, batch_size=8)
+                  tok.token_to_id(EOS_TOKEN), seq_len=2048, batch_size=8)
     mix.next_batch()  # warm-up
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
