@@ -344,12 +344,12 @@ def run_phase(phase: str, cfg: Config, d: Dist, start_dir: Path, tok, evals: dic
     step = 0
     if ckpt:
         step = load_checkpoint(ckpt, optimizer, scaler, mixture, d.rank, d.device)
-        metrics.truncate_after(phase, step)
         print0(d, f"phase {phase}: resuming from {ckpt} at step {step}")
     elif phase == "1b" and (out / "phase1a" / f"data-rank{d.rank}.pt").is_file():
         # Korean continues where Phase 1A stopped reading: no document is seen twice.
         prev = torch.load(out / "phase1a" / f"data-rank{d.rank}.pt", weights_only=True)
         mixture.streams["ko"].load_state_dict(prev["streams"]["ko"])
+    metrics.truncate_after(phase, step)  # what a killed run logged after its checkpoint
     accum = cfg.batch_tokens // (cfg.micro_batch * cfg.seq_len * d.world_size)
     flops = flops_per_token(raw.cfg, sum(p.numel() for p in raw.parameters()), cfg.seq_len)
     start_step, t_start, bad_steps, t_last = step, time.time(), 0, time.time()
@@ -363,7 +363,8 @@ def run_phase(phase: str, cfg: Config, d: Dist, start_dir: Path, tok, evals: dic
                       + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
         if step == steps:
             break
-        saving = (step > start_step and step % cfg.ckpt_every == 0)
+        # No checkpoint inside a streak of non-finite steps: the last one stays the good one.
+        saving = step > start_step and step % cfg.ckpt_every == 0 and bad_steps == 0
         local_stop = (STOP["signal"] is not None
                       or (cfg.max_hours and time.time() - t_start > cfg.max_hours * 3600)
                       or (cfg.stop_after_steps and step - start_step >= cfg.stop_after_steps))
@@ -465,6 +466,7 @@ def stage_init(cfg: Config, base_dir: Path, evals: dict, metrics: Metrics, d: Di
         raise ValueError(f"the merged tokenizer in {tok_dir} was built on another base than "
                          f"{base_dir}; delete {tok_dir} (or use a new out_dir) to rebuild it")
     ctx, _ = amp_context(cfg, d)
+    metrics.truncate_after("base", 0)
     scores = evaluate(base, base_tok, evals, cfg.seq_len, d.device, ctx)  # rank 0 alone
     metrics.log(kind="eval", phase="base", step=0, **scores)
     print("base model: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()), flush=True)

@@ -79,10 +79,11 @@ def save_checkpoint(phase_dir: Path, step: int, raw, optimizer, scaler, mixture,
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save({"step": step, "scaler": scaler.state_dict()}, tmp / "trainer.pt")
             fsync_dir(tmp, files=True)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
         last = latest_checkpoint(phase_dir)
-        raise OSError(f"could not write checkpoint {final.name} ({e.strerror or e}); free disk "
+        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        raise OSError(f"could not write checkpoint {final.name} ({reason}); free disk "
                       f"space or set out_dir elsewhere; the last checkpoint "
                       f"({last.name if last else 'none yet'}) is intact") from None
     barrier()
@@ -115,14 +116,19 @@ def export_folder(raw, tok_dir: Path, dest: Path):
     """A Hugging Face folder: weights, config, tokenizer, generation config (atomic rename)."""
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    raw.save_pretrained(tmp)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        if (tok_dir / name).is_file():
-            shutil.copy(tok_dir / name, tmp / name)
-    hf = json.loads((tmp / "config.json").read_text())
-    gen = {k: hf[k] for k in ("bos_token_id", "eos_token_id") if k in hf}
-    (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
-    fsync_dir(tmp, files=True)
+    try:
+        raw.save_pretrained(tmp)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            if (tok_dir / name).is_file():
+                shutil.copy(tok_dir / name, tmp / name)
+        hf = json.loads((tmp / "config.json").read_text())
+        gen = {k: hf[k] for k in ("bos_token_id", "eos_token_id") if k in hf}
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
+        fsync_dir(tmp, files=True)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(f"could not write {dest} ({e.strerror or e}); free disk space and run "
+                      "the same command again") from None
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
 

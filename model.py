@@ -375,7 +375,11 @@ class Llama(nn.Module):
         path.mkdir(parents=True, exist_ok=True)
         state = {k: p.detach()[:shape[0]].float().cpu().contiguous()
                  for k, (p, shape) in self.hf_state_shapes().items()}
-        save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+        from safetensors import SafetensorError
+        try:
+            save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+        except SafetensorError as e:  # safetensors reports I/O failures (disk full) as its own
+            raise OSError(str(e).removeprefix("Error while serializing: ")) from None
         hf = self.cfg.to_hf_config(**{**getattr(self, "hf_extra", {}), **extra_config})
         (path / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
 

@@ -8,6 +8,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import data  # noqa: E402
 from convert_gguf import OFFLINE_BASE, resolve_base  # noqa: E402
 from model import Llama  # noqa: E402
 
@@ -50,7 +51,6 @@ def hf_base(base_dir):
 @pytest.fixture(scope="session")
 def merged_dir(base_dir, tmp_path_factory):
     """The reference merge: 8,981 Korean tokens from the bundled corpus into the real base."""
-    import data
     import tokenizer
     out = tmp_path_factory.mktemp("merged")
     tokenizer.build(base_dir, out, data.iter_texts([data.BUNDLED["ko_train"]]),
@@ -85,4 +85,39 @@ def tiny_base(tmp_path_factory, base_dir) -> Path:
     model.save_pretrained(out, bos_token_id=1, eos_token_id=2)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(base_dir / name, out / name)
+    return out
+
+
+def tiny_flags(out_dir, base_dir, **overrides) -> list:
+    """A complete but tiny run: a random 2-layer model with the real tokenizer, bundled text."""
+    flags = dict(out_dir=out_dir, base=base_dir, data_ko=data.BUNDLED["ko_train"],
+                 data_en=data.BUNDLED["en_train"], eval_ko=data.BUNDLED["ko_eval"],
+                 eval_en=data.BUNDLED["en_eval"], eval_bytes=1500, new_tokens=300,
+                 tokenizer_bytes=300_000, seq_len=32, micro_batch=2, batch_tokens=128,
+                 steps_1a=6, lr_1a=1e-2, warmup_1a=1, decay_1a=2, steps_1b=6, lr_1b=1e-2,
+                 warmup_1b=1, decay_1b=2, grad_checkpointing=True, eval_every=3,
+                 ckpt_every=2, log_every=1, sample_tokens=4, device="cpu")
+    flags.update(overrides)
+    return [f"--{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in flags.items()]
+
+
+def weights(folder) -> dict:
+    from safetensors.torch import load_file
+    return load_file(str(Path(folder) / "model.safetensors"))
+
+
+def logged(out) -> list:
+    """Every metrics record but the wall-clock ones."""
+    import json
+    clock = ("tok_per_s", "mfu")
+    return [{k: v for k, v in r.items() if k not in clock}
+            for r in map(json.loads, open(Path(out) / "metrics.jsonl"))]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_base) -> Path:
+    """One uninterrupted tiny run: the reference the fault tests compare against."""
+    import bori
+    out = tmp_path_factory.mktemp("run")
+    assert bori.main(tiny_flags(out, tiny_base)) == 0
     return out

@@ -7,43 +7,11 @@ import sys
 
 import pytest
 import torch
-from conftest import ENGLISH, ROOT
-from safetensors.torch import load_file
+from conftest import ENGLISH, ROOT, logged, tiny_flags, weights
 
 import bori
 import data
 from model import expand_vocab
-
-
-def tiny_flags(out, base, **overrides) -> list:
-    """A complete but tiny run: a random 2-layer model with the real tokenizer, bundled text."""
-    flags = dict(out_dir=out, base=base, data_ko=data.BUNDLED["ko_train"],
-                 data_en=data.BUNDLED["en_train"], eval_ko=data.BUNDLED["ko_eval"],
-                 eval_en=data.BUNDLED["en_eval"], eval_bytes=1500, new_tokens=300,
-                 tokenizer_bytes=300_000, seq_len=32, micro_batch=2, batch_tokens=128,
-                 steps_1a=6, lr_1a=1e-2, warmup_1a=1, decay_1a=2, steps_1b=6, lr_1b=1e-2,
-                 warmup_1b=1, decay_1b=2, grad_checkpointing=True, eval_every=3,
-                 ckpt_every=2, log_every=1, sample_tokens=4, device="cpu")
-    flags.update(overrides)
-    return [f"--{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in flags.items()]
-
-
-def weights(folder):
-    return load_file(str(folder / "model.safetensors"))
-
-
-def logged(out):
-    """Every metrics record but the wall-clock ones."""
-    clock = ("tok_per_s", "mfu")
-    return [{k: v for k, v in r.items() if k not in clock}
-            for r in map(json.loads, open(out / "metrics.jsonl"))]
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, tiny_base):
-    out = tmp_path_factory.mktemp("run")
-    assert bori.main(tiny_flags(out, tiny_base)) == 0
-    return out
 
 
 def test_phase_1a_trains_only_embeddings_and_1b_everything(tiny_run):

@@ -1,0 +1,342 @@
+"""Faults: processes really killed, disks really full, losses really infinite, inputs really bad.
+
+Each run is the tiny pipeline of conftest.tiny_flags; after any fault, running the same command
+again must end in exactly the weights and metrics of an uninterrupted run."""
+import json
+import os
+import random
+import re
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, logged, tiny_flags, weights
+
+import bori
+import checkpoint
+import model as model_module
+
+# The same thread count as the in-process reference run (conftest): reductions then match.
+ENV = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
+
+
+def command(out, base, world: int, port: int, **overrides) -> list:
+    flags = tiny_flags(out, base, **overrides)
+    if world == 1:
+        return [sys.executable, str(ROOT / "bori.py"), *flags]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
+            f"--master_port={port}", str(ROOT / "bori.py"), *flags]
+
+
+def n_train_records(out: Path) -> int:
+    path = out / "metrics.jsonl"
+    return sum('"kind": "train"' in ln for ln in open(path)) if path.is_file() else 0
+
+
+def process_tree(pid: int) -> list:
+    """pid and all its descendants (torchrun starts each worker in a session of its own)."""
+    children = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except (OSError, ValueError):
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    return tree
+
+
+def send(pid: int, sig):
+    """SIGKILL: the whole machine dies, workers included. SIGTERM: to the process group, as a
+    notebook or scheduler sends it; torchrun forwards it to its workers."""
+    if sig == signal.SIGKILL:
+        for p in process_tree(pid):
+            try:
+                os.kill(p, sig)
+            except ProcessLookupError:
+                pass
+    else:
+        os.killpg(pid, sig)
+
+
+def run_until(cmd, until, sig=signal.SIGKILL, preexec_fn=None, timeout=300):
+    """Run cmd in its own session; when until() holds, send it sig (see send()).
+    Returns (exit code, stderr, whether the signal was sent)."""
+    proc = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=preexec_fn)
+    sent, t0 = False, time.time()
+    while proc.poll() is None and time.time() - t0 < timeout:
+        if not sent and until():
+            send(proc.pid, sig)
+            sent = True
+        time.sleep(0.002)
+    if proc.poll() is None:
+        send(proc.pid, signal.SIGKILL)
+    _, err = proc.communicate()
+    return proc.returncode, err, sent
+
+
+def writing_checkpoint(out: Path) -> bool:
+    return any(out.glob("phase1?/ckpt-*.tmp"))
+
+
+@pytest.fixture(scope="module")
+def ddp_reference(tmp_path_factory, tiny_base):
+    out = tmp_path_factory.mktemp("ddp_ref")
+    code, err, _ = run_until(command(out, tiny_base, 2, 29621), lambda: False)
+    assert code == 0, err[-2000:]
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_sigkill_anywhere_then_rerun_is_bit_identical(world, tmp_path, tiny_base, tiny_run,
+                                                      request):
+    reference = tiny_run if world == 1 else request.getfixturevalue("ddp_reference")
+    out, rng = tmp_path / "run", random.Random(world)
+    # 1) killed in the middle of writing a checkpoint
+    code, err, sent = run_until(command(out, tiny_base, world, 29631),
+                                lambda: writing_checkpoint(out))
+    assert sent and code != 0, err[-2000:]
+    assert list(out.glob("phase1?/ckpt-*.tmp"))  # killed with a checkpoint half-written
+    # 2) killed at a random later step, counted in logged training steps
+    target = n_train_records(out) + rng.randint(1, 4)
+    code, err, sent = run_until(command(out, tiny_base, world, 29641),
+                                lambda: n_train_records(out) >= target)
+    assert sent, err[-2000:]
+    # 3) the same command again, to the end
+    code, err, _ = run_until(command(out, tiny_base, world, 29651), lambda: False)
+    assert code == 0, err[-2000:]
+    for key, value in weights(reference / "final").items():
+        assert torch.equal(value, weights(out / "final")[key]), key
+    assert logged(out) == logged(reference)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_sigterm_checkpoints_the_current_step_and_says_interrupted(world, tmp_path, tiny_base,
+                                                                   tiny_run):
+    out = tmp_path / "run"
+    cmd = command(out, tiny_base, world, 29661, ckpt_every=100)  # only the SIGTERM one
+    code, err, sent = run_until(cmd, lambda: n_train_records(out) >= 3, signal.SIGTERM)
+    assert sent and "interrupted: stopped at phase 1a step" in err, err[-2000:]
+    assert code == (bori.EXIT_INTERRUPTED if world == 1 else code) and code != 0
+    step = int(re.search(r"stopped at phase 1a step (\d+)", err).group(1))
+    records = [r for r in logged(out) if r["kind"] == "train"]
+    assert records[-1]["step"] == step  # the checkpoint holds every logged step
+    ckpt = checkpoint.latest_checkpoint(out / "phase1a")
+    assert ckpt.name == f"ckpt-{step:06d}"
+    assert sorted(p.name for p in ckpt.glob("rank*.pt")) == [f"rank{r}.pt" for r in range(world)]
+    if world == 1:
+        code, err, _ = run_until(cmd, lambda: False)
+        assert code == 0, err[-2000:]
+        for key, value in weights(tiny_run / "final").items():
+            assert torch.equal(value, weights(out / "final")[key]), key
+
+
+def test_one_rank_dying_ends_the_other(tmp_path, tiny_base):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(command(out, tiny_base, 2, 29671, steps_1a=200, decay_1a=2),
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    t0 = time.time()
+    while n_train_records(out) < 2 and time.time() - t0 < 120:
+        time.sleep(0.05)
+    workers = [p for p in process_tree(proc.pid)[1:]
+               if b"\0RANK=1\0" in b"\0" + Path(f"/proc/{p}/environ").read_bytes()]
+    assert workers, "no rank-1 worker found"
+    survivors = [p for p in process_tree(proc.pid)[1:] if p not in workers]
+    os.kill(workers[0], signal.SIGKILL)
+    t_kill = time.time()
+    try:
+        proc.wait(timeout=90)
+    finally:
+        send(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0 and time.time() - t_kill < 90
+    assert not any(Path(f"/proc/{p}").exists() for p in survivors)  # rank 0 is gone too
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 400 MB tmpfs where the machine allows mounting; else None (a file-size limit then)."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400M", "tmpfs", str(mnt)],
+                        capture_output=True).returncode == 0
+    yield mnt if ok else None
+    if ok:
+        subprocess.run(["umount", "-l", str(mnt)])
+
+
+def test_full_disk_while_saving_keeps_the_last_checkpoint(small_disk, tmp_path, tiny_base,
+                                                          tiny_run):
+    out = (small_disk or tmp_path) / "run"
+    cmd = command(out, tiny_base, 1, 0, stop_after_steps=2)
+    code, err, _ = run_until(cmd, lambda: False)
+    assert code == bori.EXIT_INTERRUPTED, err[-2000:]
+    assert checkpoint.latest_checkpoint(out / "phase1a").name == "ckpt-000002"
+    if small_disk:  # fill the disk, leaving less than a checkpoint needs
+        free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+        (small_disk / "filler").write_bytes(b"\0" * (free - 6 * 2**20))
+        limit = None
+    else:  # no mount here: cap the size of any file the run writes (a real EFBIG from write)
+        def limit():
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (20 * 2**20, 20 * 2**20))
+    code, err, _ = run_until(cmd, lambda: False, preexec_fn=limit)
+    assert code == 2 and "Traceback" not in err, err[-2000:]
+    assert re.search(r"error: could not write checkpoint ckpt-000004 \(.*\); free disk space .*"
+                     r"the last checkpoint \(ckpt-000002\) is intact", err), err[-2000:]
+    assert checkpoint.latest_checkpoint(out / "phase1a").name == "ckpt-000002"
+    assert not list(out.glob("phase1a/*.tmp"))
+    if small_disk:
+        (small_disk / "filler").unlink()
+    while code != 0:  # space is back: the same command finishes the run
+        code, err, _ = run_until(cmd, lambda: False)
+        assert code in (0, bori.EXIT_INTERRUPTED), err[-2000:]
+    for key, value in weights(tiny_run / "final").items():
+        assert torch.equal(value, weights(out / "final")[key]), key
+
+
+def poison_loss(monkeypatch, calls: set, value=float("inf")):
+    """Multiply the training loss of the given forward calls (1-based) by inf or nan."""
+    original, count = model_module.Llama.forward, [0]
+
+    def forward(self, idx, targets=None, *args, **kwargs):
+        out = original(self, idx, targets, *args, **kwargs)
+        if targets is not None and self.training:
+            count[0] += 1
+            if count[0] in calls or (-1 in calls and count[0] > 4):
+                out = out * value
+        return out
+    monkeypatch.setattr(model_module.Llama, "forward", forward)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_overflowing_steps_are_skipped_and_logged(dtype, monkeypatch, tmp_path, tiny_base):
+    poison_loss(monkeypatch, {3, 4})  # step 2 (two micro-batches a step) overflows
+    assert bori.main(tiny_flags(tmp_path, tiny_base, dtype=dtype)) == 0
+    train = [r for r in logged(tmp_path) if r["kind"] == "train" and r["phase"] == "1a"]
+    assert [r["skipped"] for r in train[:3]] == [False, True, False]
+    if dtype == "float16":  # GradScaler halved its scale on the overflow
+        assert train[1]["scale"] == train[0]["scale"] / 2
+    else:  # without a scaler, bori skips the step itself
+        assert train[1]["grad_norm"] != train[1]["grad_norm"] or train[1]["grad_norm"] > 1e30
+
+
+def test_a_loss_that_stays_nan_stops_the_run(monkeypatch, tmp_path, tiny_base, capsys):
+    poison_loss(monkeypatch, {-1}, float("nan"))
+    code = bori.main(tiny_flags(tmp_path, tiny_base, max_bad_steps=3, dtype="float16"))
+    err = capsys.readouterr().err
+    assert code == 2
+    assert re.search(r"error: phase 1a: loss or gradients were non-finite for 3 steps in a row, "
+                     r"up to step 4; the last good checkpoint is .*ckpt-000002", err), err
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: one sentence naming the problem and the fix, exit code 2, no traceback
+
+
+def broken_base(tmp_path, tiny_base, what: str) -> Path:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    folder = tmp_path / f"base_{what}"
+    shutil.copytree(tiny_base, folder)
+    state = load_file(folder / "model.safetensors")
+    cfg = json.loads((folder / "config.json").read_text())
+    if what == "no_config":
+        (folder / "config.json").unlink()
+    elif what == "missing_tensor":
+        del state["model.layers.0.self_attn.q_proj.weight"]
+    elif what == "wrong_shape":
+        state["model.norm.weight"] = torch.ones(7)
+    elif what == "small_vocab":  # a model with fewer rows than its tokenizer has tokens
+        state["model.embed_tokens.weight"] = state["model.embed_tokens.weight"][:1000]
+        (folder / "config.json").write_text(json.dumps({**cfg, "vocab_size": 1000}))
+    save_file(state, folder / "model.safetensors")
+    return folder
+
+
+BAD_INPUTS = {
+    "missing base": (dict(base="/no/such/base"), r"base model '/no/such/base' is neither"),
+    "no config.json": ("no_config", r"lacks config.json or tokenizer.json"),
+    "missing tensor": ("missing_tensor", r"lacks tensor 'model.layers.0.self_attn.q_proj"),
+    "wrong shape": ("wrong_shape", r"tensor 'model.norm.weight' has shape \(7,\)"),
+    "tokenizer vs model": ("small_vocab", r"tokenizer.json has 49152 tokens but the model only"),
+    "missing corpus": (dict(data_ko="/no/such/*.jsonl"), r"matches no files"),
+    "empty corpus": ("empty", r"tokenizer data .* has no text"),
+    "no text field": ("nofield", r"line 1 has no text field 'text' \(it has \['body'\]\)"),
+    "unknown preset": (["--preset=huge"], r"unknown preset 'huge'; choose one of"),
+    "unknown key": (["--seq_lenn=5"], r"unknown option --seq_lenn; did you mean --seq_len\?"),
+    "wrong type": (["--micro_batch=two"], r"--micro_batch=two: expected int"),
+    "bad boolean": (["--compile=yes"], r"--compile=yes: expected true or false"),
+    "seq_len too long": (dict(seq_len=1024, batch_tokens=2048),
+                         r"seq_len=1024 exceeds the base model's 512 positions"),
+    "bad batch": (dict(batch_tokens=100), r"batch_tokens=100 is not a multiple of 64"),
+    "zero weight": (dict(mix_1b="ko=0.9,en=0"), r"every source needs a weight > 0"),
+    "config file key": ("toml", r"unknown key 'lr' in"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_clear_sentence(case, tmp_path, tiny_base, capsys):
+    spec, message = BAD_INPUTS[case]
+    if isinstance(spec, list):
+        argv = [*tiny_flags(tmp_path / "out", tiny_base), *spec]
+    elif isinstance(spec, dict):
+        argv = tiny_flags(tmp_path / "out", tiny_base, **spec)
+    elif spec in ("empty", "nofield"):
+        corpus = tmp_path / "corpus.jsonl"
+        corpus.write_text("" if spec == "empty" else '{"body": "한국어"}\n')
+        argv = tiny_flags(tmp_path / "out", tiny_base, data_ko=corpus)
+    elif spec == "toml":
+        (tmp_path / "run.toml").write_text("lr = 0.1\n")
+        argv = [*tiny_flags(tmp_path / "out", tiny_base), f"--config={tmp_path / 'run.toml'}"]
+    else:
+        argv = tiny_flags(tmp_path / "out", broken_base(tmp_path, tiny_base, spec))
+    code = bori.main(argv)
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    assert re.search(message, lines[0]), lines[0]
+
+
+def test_debug_flag_shows_the_traceback(tmp_path, tiny_base):
+    with pytest.raises(ValueError, match="unknown preset"):
+        bori.main([*tiny_flags(tmp_path, tiny_base), "--preset=huge", "--debug=true"])
+
+
+def test_out_of_gpu_memory_names_the_fix(monkeypatch, tmp_path, tiny_base, capsys):
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(bori, "run_phase", oom)
+    assert bori.main(tiny_flags(tmp_path, tiny_base)) == 3
+    assert "lower micro_batch" in capsys.readouterr().err
+
+
+def test_resume_refuses_breaking_changes_but_allows_safe_ones(tmp_path, tiny_base, capsys):
+    assert bori.main(tiny_flags(tmp_path, tiny_base, stop_after_steps=2)) == bori.EXIT_INTERRUPTED
+    assert bori.main(tiny_flags(tmp_path, tiny_base, new_tokens=301, seq_len=64)) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"holds a run made with other settings \(new_tokens: 300 -> 301, "
+                     r"seq_len: 32 -> 64\)", err), err
+    assert bori.main(tiny_flags(tmp_path, tiny_base, log_every=5, eval_every=2)) == 0
+
+
+def test_no_pickle_of_untrusted_data():
+    """Weights go through safetensors; every torch.load passes weights_only=True."""
+    for path in ROOT.glob("*.py"):
+        text = path.read_text()
+        assert "import pickle" not in text, path
+        for call in re.findall(r"torch\.load\([^)]*\)", text):
+            assert "weights_only=True" in call, (path, call)
+    assert re.findall(r"torch\.load\(", (ROOT / "checkpoint.py").read_text())
