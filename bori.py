@@ -29,7 +29,7 @@ from checkpoint import (Metrics, all_sum, barrier, export_folder, latest_checkpo
                         load_checkpoint, save_checkpoint, write_json_atomic)
 from convert_gguf import OFFLINE_BASE, resolve_base
 from evaluate import evaluate, samples
-from model import Llama, expand_vocab, flops_per_token
+from model import Llama, ModelConfig, expand_vocab, flops_per_token
 from schedule import SHAPES, lr_at
 
 EXIT_INTERRUPTED = 143  # 128 + SIGTERM, what schedulers and notebooks expect
@@ -54,7 +54,7 @@ class Config:
     pad_vocab_to: int = 64  # tensor-core friendly rows; padding is never a target
     # batch: tokens per optimizer step = micro_batch * seq_len * world_size * grad_accum
     seq_len: int = 2048
-    micro_batch: int = 8
+    micro_batch: int = 8  # per GPU; 0: the largest the memory plan fits
     batch_tokens: int = 131_072
     # Phase 1A: embedding warm-up, backbone frozen
     steps_1a: int = 1000
@@ -80,6 +80,7 @@ class Config:
     device: str = "auto"  # auto | cuda | cpu
     dtype: str = "auto"  # auto: float16 on CUDA (a T4 has no fast bf16), float32 on CPU
     grad_checkpointing: bool = True
+    gpu_gib: float = 0.0  # memory per GPU for the plan; 0: the GPU's own (on a CPU, a T4's 15)
     compile: bool = False
     peak_tflops: float = 65.0  # T4 FP16 tensor-core peak, for the MFU estimate
     # logging, evaluation, checkpoints
@@ -161,11 +162,11 @@ def load_config(argv: list) -> Config:
 
 def validate(cfg: Config, world_size: int):
     """Every check that needs no model and no process group."""
-    per_step = cfg.micro_batch * cfg.seq_len * world_size
-    if cfg.micro_batch < 1 or cfg.seq_len < 1 or cfg.batch_tokens % per_step:
+    per_step = max(cfg.micro_batch, 1) * cfg.seq_len * world_size
+    if cfg.micro_batch < 0 or cfg.seq_len < 1 or cfg.batch_tokens % per_step:
         good = max(1, round(cfg.batch_tokens / max(per_step, 1))) * per_step
         raise ValueError(f"batch_tokens={cfg.batch_tokens} is not a multiple of {per_step} "
-                         f"(micro_batch*seq_len*world_size); try {good}")
+                         f"(micro_batch*seq_len*world_size); try batch_tokens={good}")
     for phase in ("1a", "1b"):
         steps, warm, dec = (getattr(cfg, f"{k}_{phase}") for k in ("steps", "warmup", "decay"))
         if steps < 1 or warm < 0 or dec < 1 or warm + dec > steps:
@@ -280,13 +281,14 @@ def set_trainable(raw: Llama, phase: str, cfg: Config, n_old_rows: int):
 
 
 def make_optimizer(raw: Llama, cfg: Config, phase: str, d: Dist):
-    """AdamW (arXiv:1711.05101): matrices decay, norms don't, nor do masked old rows."""
+    """AdamW (arXiv:1711.05101): matrices decay, norms don't, nor do masked old rows. Fused:
+    one kernel for all parameters (3x faster here on the CPU), and GradScaler-aware on CUDA."""
     params = [p for p in raw.parameters() if p.requires_grad]
     decay = 0.0 if phase == "1a" and cfg.new_rows_only else cfg.weight_decay
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=0.0,
-                             betas=(cfg.beta1, cfg.beta2), fused=d.device.type == "cuda")
+                             betas=(cfg.beta1, cfg.beta2), fused=True)
 
 
 def train_step(model, raw, optimizer, scaler, mixture, accum: int, cfg: Config, d: Dist, ctx):
@@ -478,6 +480,29 @@ def stage_init(cfg: Config, base_dir: Path, evals: dict, metrics: Metrics, d: Di
     return info
 
 
+def plan_memory(cfg: Config, d: Dist, model_cfg) -> int:
+    """Print the memory plan; pick micro_batch when it is 0; refuse a plan that cannot fit."""
+    import plan
+    on_gpu = d.device.type == "cuda"
+    gpu_gib = cfg.gpu_gib or (torch.cuda.get_device_properties(d.device).total_memory / 2**30
+                              if on_gpu else 15.0)
+    dtype = amp_context(cfg, d)[1] if on_gpu or cfg.dtype != "auto" else torch.float16
+    limit = cfg.batch_tokens // (cfg.seq_len * d.world_size)
+    best = plan.largest_micro_batch(model_cfg, cfg.seq_len, cfg.grad_checkpointing, gpu_gib,
+                                    dtype or torch.float32, limit)
+    micro_batch = cfg.micro_batch or max(best, 1)
+    need = plan.memory_plan(model_cfg, cfg.seq_len, micro_batch, cfg.grad_checkpointing,
+                            dtype or torch.float32)
+    where = str(d.device) if on_gpu else f"a {gpu_gib:g} GiB GPU such as a T4"
+    print0(d, plan.format_plan(need, gpu_gib, micro_batch, best, where))
+    usable = gpu_gib - plan.CUDA_CONTEXT_GIB
+    if on_gpu and need["total"] > usable:
+        raise ValueError(f"micro_batch={micro_batch} needs about {need['total']:.1f} GiB per GPU, "
+                         f"more than the {usable:.1f} GiB usable here; use micro_batch={best} "
+                         "(0 picks it) or grad_checkpointing=true")
+    return micro_batch
+
+
 def check_base(cfg: Config, base_dir: Path):
     """The base folder has a config, and seq_len fits its positions."""
     if not (base_dir / "config.json").is_file() or not (base_dir / "tokenizer.json").is_file():
@@ -493,8 +518,7 @@ def check_base(cfg: Config, base_dir: Path):
 def run(cfg: Config, d: Dist) -> int:
     from tokenizers import Tokenizer
     out = Path(cfg.out_dir)
-    accum = cfg.batch_tokens // (cfg.micro_batch * cfg.seq_len * d.world_size)
-    resolved = {**dataclasses.asdict(cfg), "world_size": d.world_size, "grad_accum": accum,
+    resolved = {**dataclasses.asdict(cfg), "world_size": d.world_size,
                 "device_name": str(d.device), "amp_dtype": str(amp_context(cfg, d)[1])}
     if d.is_master:
         out.mkdir(parents=True, exist_ok=True)
@@ -512,6 +536,13 @@ def run(cfg: Config, d: Dist) -> int:
         stage_init(cfg, base_dir, evals, metrics, d)
     barrier()
     info = json.loads((out / "init" / "DONE.json").read_text())
+    init_cfg = ModelConfig.from_hf_config(json.loads((out / "init" / "config.json").read_text()))
+    init_cfg = ModelConfig(**{**dataclasses.asdict(init_cfg), "pad_vocab_to": cfg.pad_vocab_to})
+    cfg = dataclasses.replace(cfg, micro_batch=plan_memory(cfg, d, init_cfg))
+    if d.is_master:
+        resolved.update(micro_batch_resolved=cfg.micro_batch, grad_accum=cfg.batch_tokens // (
+            cfg.micro_batch * cfg.seq_len * d.world_size))
+        write_json_atomic(out / "config.json", resolved)
     tok = Tokenizer.from_file(str(tok_dir_of(cfg) / "tokenizer.json"))
     model_1a = run_phase("1a", cfg, d, out / "init", tok, evals, metrics, info["n_old_rows"])
     final = run_phase("1b", cfg, d, model_1a, tok, evals, metrics, info["n_old_rows"])

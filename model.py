@@ -208,29 +208,32 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, vocab_size: int, rows: int, with_grad: bool):
         loss = torch.zeros((), device=h.device)
-        dh = torch.zeros_like(h, dtype=torch.float32) if with_grad else None
+        dh = torch.empty_like(h, dtype=torch.float32) if with_grad else None
         dw = torch.zeros_like(weight, dtype=torch.float32) if with_grad else None
-        w = weight[:vocab_size]
+        w, fp16 = weight[:vocab_size], torch.is_autocast_enabled(h.device.type)
         for s in range(0, h.shape[0], rows):
             hc, tc = h[s:s + rows], targets[s:s + rows]
-            valid = tc != IGNORE_INDEX
-            tc = tc.masked_fill(~valid, 0)
-            logits = (hc @ w.T).float()  # (rows, V); fp16 matmul under autocast
-            lse = torch.logsumexp(logits, dim=-1)
-            loss += ((lse - logits.gather(1, tc[:, None]).squeeze(1)) * valid).sum()
-            if with_grad:
-                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place
-                g[torch.arange(len(tc), device=g.device), tc] -= 1.0
-                g *= valid[:, None]
-                # Under fp16 autocast, scale g by a power of two (exact) so that g @ W and
-                # g.T @ h stay below fp16's max of 65504, like GradScaler does for the model.
+            ignored = tc == IGNORE_INDEX
+            tc = tc.masked_fill(ignored, 0)
+            logp = torch.log_softmax((hc @ w.T).float(), dim=-1)  # (rows, V); fp16 matmul
+            nll = -logp.gather(1, tc[:, None]).squeeze(1)          # under autocast
+            loss += nll.masked_fill(ignored, 0.0).sum()
+            if not with_grad:
+                continue
+            g = logp.exp_()  # d(sum of nll)/d(logits) = softmax - onehot, in place
+            g[torch.arange(len(tc), device=g.device), tc] -= 1.0
+            g[ignored] = 0.0
+            if fp16:  # scale g by a power of two (exact) so that g @ W and g.T @ h stay
+                # below fp16's max, 65504, as GradScaler does for the rest of the model
                 bound = torch.maximum(g.abs().sum(0).max() * hc.abs().max(),
                                       g.abs().sum(1).max() * w.abs().max())
                 scale = torch.exp2(torch.floor(torch.log2(2.0**15 / bound.clamp_min(1e-30))))
-                scale = scale if torch.is_autocast_enabled(h.device.type) else 1.0
-                g = g * scale
+                g *= scale
                 dh[s:s + rows] = (g @ w).float() / scale
                 dw[:vocab_size] += (g.T @ hc).float() / scale
+            else:
+                torch.mm(g, w, out=dh[s:s + rows])
+                dw[:vocab_size].addmm_(g.T, hc)
         if with_grad:
             ctx.save_for_backward(dh, dw)
             ctx.dtypes = h.dtype, weight.dtype
@@ -245,7 +248,7 @@ class LinearCrossEntropy(torch.autograd.Function):
 
 def cross_entropy_sum(h, weight, targets, vocab_size: int, chunk_rows: int = 0):
     """Summed cross-entropy in nats of (N, C) hidden states against (N,) target ids."""
-    rows = chunk_rows or max(1, 2**26 // vocab_size)  # ~256 MiB of fp32 logits per chunk
+    rows = chunk_rows or max(1, 2**25 // vocab_size)  # 128 MiB of fp32 logits per chunk
     with_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
     return LinearCrossEntropy.apply(h, weight, targets, vocab_size, rows, with_grad)
 

@@ -1,0 +1,208 @@
+"""Side-by-side benchmark: our train step vs transformers' LlamaForCausalLM, memory, data, MFU.
+
+    python bench.py [--batch 1] [--seq 512] [--rounds 7] [--json out.json]
+
+Both models hold the same SmolLM2-135M weights (the converted offline base unless --base says
+otherwise), dtype, batch and sequence, and take turns in one process, so that machine noise hits
+all alike. Three train steps (forward + backward + AdamW) are timed:
+  ours           bori's step: our model, fused AdamW
+  reference      transformers' model with torch.optim.AdamW(params), as its examples write it
+  reference+fus  transformers' model with fused AdamW (the HF Trainer's default on torch >= 2.8)
+`speedup` in the JSON is ours over reference; `speedup_model` ours over reference+fus, which
+isolates the model. Peak memory: CUDA's max_memory_allocated, or on the CPU the peak resident
+size (VmHWM) of a fresh subprocess training one model alone.
+
+    python bench.py --recipe [--steps 30]   # on a GPU: the bori preset's step vs the memory plan
+
+runs the seed's settings (58,133-token vocabulary, seq 2048, FP16 + GradScaler, checkpointing,
+the plan's micro-batch) on random token ids and reports tokens/s, MFU and peak memory vs plan.
+"""
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from convert_gguf import OFFLINE_BASE, resolve_base
+from model import Llama, expand_vocab, flops_per_token
+
+
+def load(which: str, base_dir, device):
+    """Our Llama or transformers' (SDPA attention), fp32 weights, in train mode."""
+    if which == "ours":
+        model = Llama.from_pretrained(base_dir)
+    else:
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32,
+                                                     attn_implementation="sdpa")
+    return model.to(device).train()
+
+
+def make_step(which: str, model, device, amp: bool, fused: bool = True):
+    """One optimizer step on a fixed batch."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95),
+                            **({"fused": True} if fused else {}))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+    ctx = torch.autocast(device.type, dtype=torch.float16) if amp else torch.autocast(
+        device.type, enabled=False)
+
+    def step(x, y):
+        with ctx:
+            loss = model(x, y) if which == "ours" else model(input_ids=x, labels=x).loss
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        return loss
+    return step
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_steps(args, base_dir, device) -> dict:
+    """Rotate the three steps, `rounds` timed steps each after a warm-up."""
+    torch.manual_seed(0)
+    x = torch.randint(0, 49152, (args.batch, args.seq), device=device)
+    y = x.roll(-1, dims=1)  # ours is given targets; transformers shifts the labels itself
+    ours, ref = load("ours", base_dir, device), load("reference", base_dir, device)
+    steps = {"ours": make_step("ours", ours, device, args.amp),
+             "reference": make_step("reference", ref, device, args.amp, fused=False),
+             "reference+fus": make_step("reference", ref, device, args.amp)}
+    times = {w: [] for w in steps}
+    for r in range(args.rounds + args.warmup):
+        order = list(steps)[r % 3:] + list(steps)[:r % 3]
+        for w in order:
+            sync(device)
+            t0 = time.perf_counter()
+            steps[w](x, y)
+            sync(device)
+            if r >= args.warmup:
+                times[w].append(time.perf_counter() - t0)
+    out = {}
+    for w, ts in times.items():
+        med = statistics.median(ts)
+        out[w] = {"median_s": med, "min_s": min(ts), "max_s": max(ts),
+                  "tokens_per_s": args.batch * args.seq / med}
+    out["speedup"] = out["ours"]["tokens_per_s"] / out["reference"]["tokens_per_s"]
+    out["speedup_model"] = out["ours"]["tokens_per_s"] / out["reference+fus"]["tokens_per_s"]
+    flops = flops_per_token(ours.cfg, sum(p.numel() for p in ours.parameters()), args.seq)
+    out["mfu_ours"] = out["ours"]["tokens_per_s"] * flops / (args.peak_tflops * 1e12)
+    return out
+
+
+def peak_memory(args, base_dir, device, which: str) -> float:
+    """Peak memory in GiB of `which` training alone (CPU: a fresh subprocess's peak RSS)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        model = load(which, base_dir, device)
+        step = make_step(which, model, device, args.amp)
+        x = torch.randint(0, 49152, (args.batch, args.seq), device=device)
+        for _ in range(2):
+            step(x, x.roll(-1, dims=1))
+        del model, step
+        return torch.cuda.max_memory_allocated() / 2**30
+    cmd = [sys.executable, __file__, f"--_peak={which}", f"--batch={args.batch}",
+           f"--seq={args.seq}", f"--base={args.base}"]
+    return float(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+
+
+def recipe_steps(args, base_dir, device) -> dict:
+    """The bori preset's training step on random ids; peak memory against the plan."""
+    import plan
+    model = Llama.from_pretrained(base_dir, pad_vocab_to=64)
+    expand_vocab(model, [[0]] * 8981, "random")  # 58,133 rows; the init is irrelevant here
+    model.to(device).train()
+    model.grad_checkpointing = True
+    amp = device.type == "cuda" or args.amp
+    dtype = torch.float16 if amp else torch.float32
+    gpu_gib = (torch.cuda.get_device_properties(device).total_memory / 2**30
+               if device.type == "cuda" else 15.0)
+    mb = args.batch if args.batch > 1 else plan.largest_micro_batch(
+        model.cfg, args.seq, True, gpu_gib, dtype, limit=64)
+    step = make_step("ours", model, device, amp)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(args.warmup + args.steps):
+        x = torch.randint(0, model.cfg.vocab_size, (mb, args.seq), device=device)
+        sync(device)
+        t0 = time.perf_counter()
+        step(x, x.roll(-1, dims=1))
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    tok_s = mb * args.seq / statistics.median(times[args.warmup:])
+    flops = flops_per_token(model.cfg, sum(p.numel() for p in model.parameters()), args.seq)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    need = plan.memory_plan(model.cfg, args.seq, mb, True, dtype)
+    return {"device": str(device), "micro_batch": mb, "seq": args.seq, "tokens_per_s": tok_s,
+            "mfu": tok_s * flops / (args.peak_tflops * 1e12), "peak_gib": peak,
+            "plan_gib": need["total"],
+            "fits_16gb_t4": None if peak is None else peak <= 15 - plan.CUDA_CONTEXT_GIB}
+
+
+def main():
+    p = argparse.ArgumentParser(description="ours vs transformers: train-step speed and memory")
+    p.add_argument("--base", default=OFFLINE_BASE)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--amp", action="store_true", help="fp16 autocast + GradScaler (CUDA)")
+    p.add_argument("--peak-tflops", type=float, default=65.0, help="for MFU; T4 FP16: 65")
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--recipe", action="store_true", help="the bori preset's step vs the plan")
+    p.add_argument("--steps", type=int, default=30, help="timed steps with --recipe")
+    p.add_argument("--_peak", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    base_dir = resolve_base(args.base)
+    if args._peak:  # the subprocess of peak_memory(): train a few steps, print peak RSS
+        model = load(args._peak, base_dir, device)
+        step = make_step(args._peak, model, device, False)
+        x = torch.randint(0, 49152, (args.batch, args.seq))
+        for _ in range(2):
+            step(x, x.roll(-1, dims=1))
+        # VmHWM, not ru_maxrss: the latter keeps the parent's peak across fork + exec.
+        hwm = next(ln for ln in open("/proc/self/status") if ln.startswith("VmHWM"))
+        print(int(hwm.split()[1]) / 2**20)  # KiB -> GiB
+        return
+    if args.recipe:
+        result = recipe_steps(args, base_dir, device)
+        print(", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                        for k, v in result.items()))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=2)
+        return
+    import data
+    result = time_steps(args, base_dir, device)
+    result["peak_gib"] = {w: peak_memory(args, base_dir, device, w)
+                          for w in ("ours", "reference")}
+    result["data_tokens_per_s"] = data.benchmark(str(base_dir), seconds=5)
+    result.update(device=str(device), batch=args.batch, seq=args.seq, rounds=args.rounds)
+    print(f"train step, {args.batch}x{args.seq} tokens on {device}, {args.rounds} rounds")
+    print(f"{'':<15}{'median s':>10}{'min s':>8}{'max s':>8}{'tokens/s':>10}{'peak GiB':>10}")
+    for w in ("ours", "reference", "reference+fus"):
+        r, peak = result[w], result["peak_gib"].get(w.split("+")[0])
+        print(f"{w:<15}{r['median_s']:>10.3f}{r['min_s']:>8.3f}{r['max_s']:>8.3f}"
+              f"{r['tokens_per_s']:>10.0f}{peak:>10.2f}")
+    print(f"speedup, ours / reference: {result['speedup']:.2f}x; with the same fused AdamW "
+          f"(the model alone): {result['speedup_model']:.2f}x")
+    print(f"our MFU against {args.peak_tflops} TFLOP/s: {result['mfu_ours']:.2%}")
+    print(f"data stream: {result['data_tokens_per_s']:,.0f} tokens/s on one core, "
+          f"{result['data_tokens_per_s'] / result['ours']['tokens_per_s']:,.0f}x what this "
+          "device trains")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""Memory plan: what one GPU holds while training, worked out before anything is allocated.
+
+    python plan.py [--gpu_gib=15] [--seq_len=2048] [--vocab=58133] [--dtype=float16]
+
+Weights, gradients and AdamW state are counted exactly; activations are measured: one decoder
+block runs on the CPU at two sequence lengths under the training dtype, and the bytes autograd
+saves per extra token are scaled to the real batch. With checkpointing a block keeps only its
+fp32 input, and one block at a time is recomputed during backward.
+"""
+import argparse
+import functools
+
+import torch
+
+from model import Block, ModelConfig, preset, rope_tables
+
+GIB = 2**30
+CUDA_CONTEXT_GIB = 0.5  # driver and kernels, outside PyTorch's allocator (~0.3-0.5 GiB on a T4)
+FRAGMENTATION = 1.10  # allocator slack on top of what the tensors need
+
+
+def saved_bytes_per_token(cfg: ModelConfig, dtype) -> float:
+    """Bytes autograd keeps per token for one decoder block, measured at T=32 and T=64."""
+    return _saved_bytes(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim, dtype)
+
+
+@functools.lru_cache
+def _saved_bytes(dim: int, n_heads: int, n_kv_heads: int, ffn_dim: int, dtype) -> float:
+    small = ModelConfig(dim=dim, n_heads=n_heads, n_kv_heads=n_kv_heads, ffn_dim=ffn_dim,
+                        n_layers=1, max_seq_len=64)
+    torch.manual_seed(0)
+    block, cos, sin = Block(small, 0), *rope_tables(small)
+    params = {p.untyped_storage().data_ptr() for p in block.parameters()}
+
+    def saved(T: int) -> int:
+        storages = {}
+
+        def pack(t):
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in params:
+                storages[ptr] = t.untyped_storage().nbytes()
+            return t
+        x = torch.randn(1, T, dim, requires_grad=True)
+        amp = torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), amp:
+            block(x, cos[:T], sin[:T])
+        return sum(storages.values())
+    return (saved(64) - saved(32)) / 32  # the difference drops per-call constants (weight casts)
+
+
+def memory_plan(cfg: ModelConfig, seq_len: int, micro_batch: int, checkpointing: bool,
+                dtype=torch.float16, train_all: bool = True) -> dict:
+    """GiB per GPU for each part of a training step; 'total' includes allocator slack."""
+    n_params = (sum(p.numel() for p in Block(cfg, 0).parameters()) * cfg.n_layers
+                + cfg.padded_vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2) + cfg.dim)
+    n_train = n_params if train_all else cfg.padded_vocab_size * cfg.dim
+    tokens = micro_batch * seq_len
+    per_block = saved_bytes_per_token(cfg, dtype) * tokens
+    if checkpointing:  # block inputs (fp32 residual stream), plus one block being recomputed
+        activations = cfg.n_layers * tokens * cfg.dim * 4 + per_block
+    else:
+        activations = cfg.n_layers * per_block
+    half = 2 if dtype != torch.float32 else 0
+    rows = min(tokens, max(1, 2**25 // cfg.vocab_size))  # model.cross_entropy_sum's chunk
+    parts = {
+        "weights (fp32 master)": 4 * n_params,
+        "weights (autocast copies)": half * (n_params - cfg.padded_vocab_size * cfg.dim),
+        "gradients (fp32)": 4 * n_train,
+        "AdamW moments (fp32)": 8 * n_train,
+        "activations": activations,
+        "backward working set": per_block,  # gradients of one block's activations at a time
+        # one chunk of logits in fp16 and fp32, its softmax, and dh, dW kept for backward
+        "logits and loss": rows * cfg.vocab_size * (half + 8 + half) + tokens * cfg.dim * 4
+        + 4 * cfg.padded_vocab_size * cfg.dim,
+    }
+    plan = {k: v / GIB for k, v in parts.items()}
+    plan["total"] = sum(plan.values()) * FRAGMENTATION
+    return plan
+
+
+def largest_micro_batch(cfg: ModelConfig, seq_len: int, checkpointing: bool, gpu_gib: float,
+                        dtype=torch.float16, limit: int = 64) -> int:
+    """The largest micro-batch dividing `limit` whose plan fits gpu_gib (0: not even 1 fits)."""
+    fits = [mb for mb in range(1, limit + 1) if limit % mb == 0 and memory_plan(
+        cfg, seq_len, mb, checkpointing, dtype)["total"] <= gpu_gib - CUDA_CONTEXT_GIB]
+    return max(fits, default=0)
+
+
+def format_plan(plan: dict, gpu_gib: float, micro_batch: int, best: int, where: str) -> str:
+    lines = [f"memory plan per GPU at micro_batch={micro_batch}:"]
+    lines += [f"  {k:<28}{v:>7.2f} GiB" for k, v in plan.items() if k != "total"]
+    usable = gpu_gib - CUDA_CONTEXT_GIB
+    verdict = "fits" if plan["total"] <= usable else "DOES NOT FIT"
+    lines.append(f"  {'total (+10% slack)':<28}{plan['total']:>7.2f} GiB of {usable:.1f} usable "
+                 f"on {where}: {verdict}; the largest micro_batch that fits is {best}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--vocab", type=int, default=58133)
+    p.add_argument("--seq_len", type=int, default=2048)
+    p.add_argument("--micro_batch", type=int, default=0, help="0: the largest that fits")
+    p.add_argument("--gpu_gib", type=float, default=15.0, help="a 16 GB T4 reports 15 GiB")
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    p.add_argument("--no_checkpointing", action="store_true")
+    a = p.parse_args()
+    cfg = preset(a.model, vocab_size=a.vocab, pad_vocab_to=64)
+    dtype, ckpt = getattr(torch, a.dtype), not a.no_checkpointing
+    best = largest_micro_batch(cfg, a.seq_len, ckpt, a.gpu_gib, dtype)
+    mb = a.micro_batch or max(best, 1)
+    print(format_plan(memory_plan(cfg, a.seq_len, mb, ckpt, dtype), a.gpu_gib, mb, best,
+                      f"a {a.gpu_gib:g} GiB GPU"))

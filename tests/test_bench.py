@@ -1,0 +1,27 @@
+"""bench.py runs and reports what it promises (its numbers are for reading, not asserting)."""
+import json
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_bench_writes_ratios_memory_and_data_rate(tmp_path):
+    out = tmp_path / "bench.json"
+    subprocess.run([sys.executable, str(ROOT / "bench.py"), "--seq=32", "--rounds=1",
+                    "--warmup=0", f"--json={out}"], check=True, capture_output=True, cwd=ROOT)
+    result = json.loads(out.read_text())
+    for key in ("ours", "reference", "reference+fus"):
+        assert result[key]["tokens_per_s"] > 0
+    assert result["speedup"] == result["ours"]["tokens_per_s"] / \
+        result["reference"]["tokens_per_s"]
+    assert result["peak_gib"]["ours"] > 0.5 and result["data_tokens_per_s"] > 0
+
+
+def test_bench_recipe_mode_runs_the_fp16_step(tmp_path):
+    out = tmp_path / "recipe.json"
+    subprocess.run([sys.executable, str(ROOT / "bench.py"), "--recipe", "--steps=1",
+                    "--warmup=0", "--seq=32", "--batch=2", "--amp", f"--json={out}"],
+                   check=True, capture_output=True, cwd=ROOT)
+    result = json.loads(out.read_text())
+    assert result["micro_batch"] == 2 and result["tokens_per_s"] > 0 and result["plan_gib"] > 1
