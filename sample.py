@@ -1,0 +1,59 @@
+"""Generate text from an exported folder or a checkpoint of a run, with tokens per second.
+
+    python sample.py runs/demo/final --prompt "대한민국의 수도는" --prompt "The capital of"
+    python sample.py runs/demo/phase1b/ckpt-000020 --temperature 0 --max_tokens 64
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from data import EOS_TOKEN
+from model import Llama
+
+
+def find_tokenizer(folder: Path) -> Path:
+    """The folder's own tokenizer.json, or for a checkpoint its run's merged tokenizer."""
+    for candidate in (folder, folder.parent.parent / "tokenizer"):
+        if (candidate / "tokenizer.json").is_file():
+            return candidate / "tokenizer.json"
+    raise FileNotFoundError(f"no tokenizer.json in {folder} or its run's tokenizer/ folder")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("folder", help="an exported model folder or a checkpoint folder")
+    p.add_argument("--prompt", action="append", help="repeatable; default: a Korean and an "
+                   "English prompt")
+    p.add_argument("--max_tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    p.add_argument("--top_k", type=int, default=0)
+    p.add_argument("--top_p", type=float, default=0.9)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    from tokenizers import Tokenizer
+    try:
+        folder = Path(args.folder)
+        tok = Tokenizer.from_file(str(find_tokenizer(folder)))
+        model = Llama.from_pretrained(folder)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).eval()
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    eos = [i for i in (tok.token_to_id(EOS_TOKEN), tok.token_to_id("<|im_end|>")) if i is not None]
+    for prompt in args.prompt or ["대한민국의 수도는", "The capital of France is"]:
+        idx = torch.tensor([tok.encode(prompt).ids], device=device)
+        t0 = time.perf_counter()
+        out = model.generate(idx, args.max_tokens, args.temperature, args.top_k, args.top_p,
+                             eos, gen)
+        n_new = out.shape[1] - idx.shape[1]
+        rate = n_new / (time.perf_counter() - t0)
+        print(f"{prompt}{tok.decode(out[0, idx.shape[1]:].tolist())}\n"
+              f"  [{n_new} tokens, {rate:.1f} tokens/s]\n")
+
+
+if __name__ == "__main__":
+    main()
