@@ -48,6 +48,7 @@ class Config:
     eval_bytes: int = 200_000  # UTF-8 bytes of held-out text per language
     # tokenizer and vocabulary expansion
     new_tokens: int = 8981  # 49,152 + 8,981 = 58,133
+    script: str = "hangul"  # new tokens must hold this script (tokenizer.SCRIPTS)
     tokenizer_data: str = ""  # Korean text for the BPE (empty: data_ko)
     tokenizer_bytes: int = 100_000_000  # how much of it the BPE is trained on (0: all)
     init: str = "eeve"  # eeve | mean | random
@@ -107,9 +108,9 @@ PRESETS = {
                  log_every=5, eval_every=15, ckpt_every=10, sample_tokens=24),
 }
 # Changing these after a run has started would make its saved state meaningless.
-RESUME_FIXED = ("base", "data_ko", "data_en", "text_field", "new_tokens", "tokenizer_data",
-                "tokenizer_bytes", "init", "pad_vocab_to", "seq_len", "micro_batch",
-                "batch_tokens", "mix_1a", "mix_1b", "new_rows_only", "seed")
+RESUME_FIXED = ("base", "data_ko", "data_en", "text_field", "new_tokens", "script",
+                "tokenizer_data", "tokenizer_bytes", "init", "pad_vocab_to", "seq_len",
+                "micro_batch", "batch_tokens", "mix_1a", "mix_1b", "new_rows_only", "seed")
 
 # ----------------------------------------------------------------------------------------------
 # Configuration from presets, a TOML file and --key=value flags
@@ -173,7 +174,9 @@ def validate(cfg: Config, world_size: int):
             raise ValueError(f"phase {phase}: need steps >= 1, decay >= 1 and warmup + decay "
                              f"<= steps (got steps {steps}, warmup {warm}, decay {dec})")
         data.parse_weights(getattr(cfg, f"mix_{phase}"))
+    from tokenizer import SCRIPTS
     checks = [(cfg.init in ("eeve", "mean", "random"), "init must be eeve, mean or random"),
+              (cfg.script in SCRIPTS, f"script must be one of {sorted(SCRIPTS)}"),
               (cfg.dtype in ("auto", "float16", "bfloat16", "float32"),
                "dtype must be auto, float16, bfloat16 or float32"),
               (cfg.device in ("auto", "cuda", "cpu"), "device must be auto, cuda or cpu"),
@@ -443,7 +446,8 @@ def stage_tokenizer(cfg: Config, base_dir: Path, evals: dict) -> dict:
     import tokenizer
     tok_dir = tok_dir_of(cfg)
     if not (tok_dir / "DONE.json").is_file():
-        report = tokenizer.build(base_dir, tok_dir, korean_sample(cfg), cfg.new_tokens, evals)
+        report = tokenizer.build(base_dir, tok_dir, korean_sample(cfg), cfg.new_tokens, evals,
+                                 cfg.script)
         tokenizer.print_report(report)
         write_json_atomic(tok_dir / "DONE.json", report)
     return json.loads((tok_dir / "DONE.json").read_text())

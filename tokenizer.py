@@ -3,8 +3,8 @@
     python tokenizer.py --base DIR --out DIR [--train FILES...] [--new-tokens 8981]
 
 The merged tokenizer keeps every base id and merge, then appends new tokens (ids from the base
-size on) and the merges that build them. Every added merge yields a token holding Hangul, so text
-without Hangul tokenizes exactly as before. Writes tokenizer.json, tokenizer_config.json,
+size on) and the merges that build them. Every added merge yields a token holding Hangul (or the
+script chosen with --script), so text without it tokenizes exactly as before. Writes tokenizer.json, tokenizer_config.json,
 eeve_map.json (the base pieces of every new token, for model.expand_vocab) and report.json.
 BPE: Sennrich et al. 2016, arXiv:1508.07909; byte-level BPE: Radford et al. 2019 (GPT-2).
 """
@@ -43,24 +43,53 @@ def token_bytes(token: str) -> bytes:
     return bytes(BYTE_OF_CHAR[c] for c in token)
 
 
-def is_hangul(cp: int) -> bool:
-    """Hangul syllables, jamo, compatibility jamo and the jamo extensions."""
-    return (0xAC00 <= cp <= 0xD7A3 or 0x1100 <= cp <= 0x11FF or 0x3130 <= cp <= 0x318F
-            or 0xA960 <= cp <= 0xA97F or 0xD7B0 <= cp <= 0xD7FF)
+# Unicode blocks of each script. A new token must hold one of its characters, or the cut-off
+# start of one. Add a language by adding its blocks.
+SCRIPTS = {
+    "hangul": [(0x1100, 0x11FF), (0x3130, 0x318F), (0xA960, 0xA97F), (0xAC00, 0xD7FF)],
+    "thai": [(0x0E00, 0x0E7F)],
+    "devanagari": [(0x0900, 0x097F), (0xA8E0, 0xA8FF)],
+    "cyrillic": [(0x0400, 0x052F)],
+}
+SURROGATES = (0xD800, 0xDFFF)  # never in valid UTF-8, so a prefix may cover them
+
+
+def holds_script(raw: bytes, script: str = "hangul") -> bool:
+    """Whether these bytes can only occur in text that contains the script.
+
+    True if a whole character of it is inside, or if the bytes end in the start of a character
+    whose every possible completion lies in the script (EB alone is always U+B000-U+BFFF,
+    Hangul; EA alone may begin Yi, so it does not count)."""
+    ranges = SCRIPTS[script]
+    text = raw.decode("utf-8", errors="ignore")
+    if any(lo <= ord(ch) <= hi for ch in text for lo, hi in ranges):
+        return True
+    for back in range(1, 4):  # a trailing, unfinished character of 2 to 4 bytes
+        prefix = raw[-back:]
+        lead = prefix[0] if len(prefix) == back else 0
+        size = 2 if 0xC0 <= lead < 0xE0 else 3 if 0xE0 <= lead < 0xF0 else 4 if lead >= 0xF0 else 0
+        if size > back and all(0x80 <= b < 0xC0 for b in prefix[1:]):
+            value = lead & (0x7F >> size)
+            for b in prefix[1:]:
+                value = value << 6 | b & 0x3F
+            free = 6 * (size - back)  # bits the missing continuation bytes would fill
+            lo = max(value << free, {2: 0x80, 3: 0x800, 4: 0x10000}[size])  # no overlongs
+            return covered(lo, (value << free) | ((1 << free) - 1), [*ranges, SURROGATES])
+    return False
+
+
+def covered(lo: int, hi: int, ranges: list) -> bool:
+    """Whether every code point in lo..hi lies in one of the (inclusive) ranges."""
+    for a, b in sorted(ranges):
+        if a <= lo <= b:
+            lo = b + 1
+        if lo > hi:
+            return True
+    return False
 
 
 def holds_hangul(raw: bytes) -> bool:
-    """Whether these bytes can only occur in text containing Hangul.
-
-    True if a whole Hangul character is inside, or a cut-off lead that only Hangul begins with:
-    EB-ED (U+B000-U+D7FF, all Hangul in valid UTF-8) or EA B0-BF (U+AC00-U+AFFF)."""
-    text = raw.decode("utf-8", errors="replace")
-    if any(is_hangul(ord(ch)) for ch in text):
-        return True
-    tail = raw[-2:]
-    return any(0xEB <= b <= 0xED for b in tail[-1:]) or (
-        len(tail) == 2 and tail[0] == 0xEA and 0xB0 <= tail[1] <= 0xBF) or (
-        len(tail) == 2 and 0xEB <= tail[0] <= 0xED and 0x80 <= tail[1] <= 0xBF)
+    return holds_script(raw, "hangul")
 
 
 def bpe(word: str, ranks: dict) -> list:
@@ -89,12 +118,12 @@ def train_korean_bpe(texts, base: Tokenizer, vocab_size: int) -> Tokenizer:
     return tok
 
 
-def merge_tokenizers(base_json: dict, korean: Tokenizer, n_new: int):
-    """Base tokenizer.json dict + up to n_new Hangul tokens of `korean`, as appended merges.
+def merge_tokenizers(base_json: dict, korean: Tokenizer, n_new: int, script: str = "hangul"):
+    """Base tokenizer.json dict + up to n_new tokens of `korean` in `script`, as merges.
 
     Korean tokens are taken in the order the Korean BPE learned them. For each, the merged
     tokenizer so far splits its bytes into pieces; merges joining them are appended, choosing at
-    each step a pair whose join holds Hangul (so no added merge can fire on other text) and
+    each step a pair whose join holds the script (so no added merge fires on other text) and
     preferring joins already in the vocabulary. Returns (tokenizer dict, new token strings)."""
     merged = json.loads(json.dumps(base_json))
     vocab, merges = merged["model"]["vocab"], merged["model"]["merges"]
@@ -106,12 +135,13 @@ def merge_tokenizers(base_json: dict, korean: Tokenizer, n_new: int):
                                   max((t["id"] for t in merged["added_tokens"]), default=0)) + 1
     for pair in map(as_pair, korean_merges):
         target = "".join(pair)
-        if len(new_tokens) >= n_new or target in vocab or not holds_hangul(token_bytes(target)):
+        if len(new_tokens) >= n_new or target in vocab or \
+                not holds_script(token_bytes(target), script):
             continue
         plan, parts = [], bpe(target, ranks)
         while len(parts) > 1:
             joins = [j for j in range(len(parts) - 1)
-                     if holds_hangul(token_bytes(parts[j] + parts[j + 1]))]
+                     if holds_script(token_bytes(parts[j] + parts[j + 1]), script)]
             if not joins:
                 break
             j = min(joins, key=lambda j: (parts[j] + parts[j + 1] not in vocab,
@@ -120,7 +150,7 @@ def merge_tokenizers(base_json: dict, korean: Tokenizer, n_new: int):
             parts[j:j + 2] = [parts[j] + parts[j + 1]]
         fresh = {a + b for a, b in plan if a + b not in vocab}
         if len(parts) > 1 or len(new_tokens) + len(fresh) > n_new:
-            continue  # unreachable with Hangul-only merges, or over budget: try the next one
+            continue  # unreachable with script-only merges, or over budget: try the next one
         for a, b in plan:
             if a + b not in vocab:
                 vocab[a + b] = next_id
@@ -146,7 +176,8 @@ def fingerprint(tokenizer_json: dict, n_tokens: int = 0) -> str:
     return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
-def build(base_dir, out_dir, texts, n_new: int = REFERENCE_NEW_TOKENS, eval_texts=None) -> dict:
+def build(base_dir, out_dir, texts, n_new: int = REFERENCE_NEW_TOKENS, eval_texts=None,
+          script: str = "hangul") -> dict:
     """Train, merge and write the merged tokenizer, EEVE map and report into out_dir."""
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     if not (base_dir / "tokenizer.json").is_file():
@@ -156,10 +187,13 @@ def build(base_dir, out_dir, texts, n_new: int = REFERENCE_NEW_TOKENS, eval_text
     t0 = time.time()
     # Room for Korean merges that are skipped (Latin words, ones the base already has).
     korean = train_korean_bpe(texts, base, 256 + 1 + 3 * n_new)
-    merged_json, new_tokens = merge_tokenizers(base_json, korean, n_new)
+    if script not in SCRIPTS:
+        raise ValueError(f"unknown script {script!r}; choose one of {sorted(SCRIPTS)} or add "
+                         "its Unicode blocks to tokenizer.SCRIPTS")
+    merged_json, new_tokens = merge_tokenizers(base_json, korean, n_new, script)
     if len(new_tokens) < n_new:
-        raise ValueError(f"the Korean training text yields only {len(new_tokens)} new Hangul "
-                         f"tokens, fewer than new_tokens={n_new}; give it more Korean text or "
+        raise ValueError(f"the training text yields only {len(new_tokens)} new {script} "
+                         f"tokens, fewer than new_tokens={n_new}; give it more text or "
                          "ask for fewer new tokens")
     out_dir.mkdir(parents=True, exist_ok=True)
     Tokenizer.from_str(json.dumps(merged_json)).save(str(out_dir / "tokenizer.json"))
@@ -258,12 +292,14 @@ def main(argv=None):
     p.add_argument("--train", nargs="*", help="Korean text files (default: the bundled corpus)")
     p.add_argument("--eval", nargs="*", help="held-out Korean files for the report")
     p.add_argument("--new-tokens", type=int, default=REFERENCE_NEW_TOKENS)
+    p.add_argument("--script", default="hangul", choices=sorted(SCRIPTS))
     args = p.parse_args(argv)
     try:
         train = data.iter_texts(args.train or [data.BUNDLED["ko_train"]], progress=True)
         evals = {"ko": list(data.iter_texts(args.eval or [data.BUNDLED["ko_eval"]])),
                  "en": list(data.iter_texts([data.BUNDLED["en_eval"]]))}
-        report = build(resolve_base(args.base), args.out, train, args.new_tokens, evals)
+        report = build(resolve_base(args.base), args.out, train, args.new_tokens, evals,
+                       args.script)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     print_report(report)

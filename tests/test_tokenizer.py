@@ -102,6 +102,14 @@ def test_holds_hangul_cases():
     assert not T.holds_hangul("ꀀ".encode())  # Yi syllable, EA 80 80
     assert not T.holds_hangul("가".encode()[1:])  # continuation bytes say nothing
     assert T.holds_hangul("ㅋ".encode()) and not T.holds_hangul("日".encode())
+    assert T.holds_hangul("ᄀ".encode()[:2])  # E1 84: U+1100-U+113F, all jamo
+
+
+def test_other_scripts_use_the_same_rule():
+    assert T.holds_script("ก".encode()[:2], "thai")  # E0 B8: U+0E00-U+0E3F
+    assert not T.holds_script(b"\xe0", "thai")  # E0 alone: U+0800-U+0FFF, many scripts
+    assert T.holds_script(b"\xd0", "cyrillic") and not T.holds_script(b"\xd0", "thai")
+    assert T.holds_script("नमस्ते".encode(), "devanagari")
 
 
 def test_training_is_deterministic(base_dir, tmp_path):
@@ -113,5 +121,5 @@ def test_training_is_deterministic(base_dir, tmp_path):
 
 
 def test_too_little_korean_is_a_clear_error(base_dir, tmp_path):
-    with pytest.raises(ValueError, match="yields only .* new Hangul tokens"):
+    with pytest.raises(ValueError, match="yields only .* new hangul tokens"):
         T.build(base_dir, tmp_path, iter(["한국어 문장 하나뿐."]), 500)

@@ -1,0 +1,175 @@
+"""Does the method work? The seed's claims measured on the real SmolLM2-135M, on a CPU.
+
+    python experiments.py [--out runs/experiments] [--steps_1a 40] [--steps_1b 60] [--json F]
+
+1. Step-0 Korean and English bits per byte: the base model (base tokenizer), and the expanded
+   model with EEVE, mean and random init of the new rows (merged tokenizer).
+2. The same after an equally short Phase 1A for each init; then, from EEVE's Phase 1A, an
+   equally short Phase 1B with and without the 10% English replay.
+3. Tokens per Korean character, and generation speed in tokens and characters per second.
+Everything else is the demo preset (bundled corpora, seq 256, fixed seeds). Writes a table, a
+PNG next to the JSON, and JSON with the keys the README's Results section quotes.
+"""
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+import bori
+import data
+from checkpoint import Metrics
+from model import Llama
+
+INITS = ("eeve", "mean", "random")
+
+
+def evals_of(out: Path, phase: str) -> list:
+    return [r for r in map(json.loads, open(out / "metrics.jsonl"))
+            if r["kind"] == "eval" and r["phase"] == phase]
+
+
+def run_init(cfg, root: Path, init: str, evals: dict, base_dir: Path) -> Path:
+    """Tokenizer (shared), expansion with `init`, then Phase 1A, in root/init."""
+    out = root / init
+    cfg = bori.dataclasses.replace(cfg, out_dir=str(out), init=init)
+    if not (out / "tokenizer").is_dir():
+        shutil.copytree(root / "tokenizer", out / "tokenizer")
+    d = bori.Dist()
+    metrics = Metrics(out / "metrics.jsonl", True)
+    info = bori.stage_init(cfg, base_dir, evals, metrics, d)
+    tok = bori_tokenizer(out)
+    bori.run_phase("1a", cfg, d, out / "init", tok, evals, metrics, info["n_old_rows"])
+    return out
+
+
+def run_1b(cfg, root: Path, name: str, mix: str, evals: dict) -> Path:
+    """Phase 1B from EEVE's Phase 1A (model and Korean data position), with the given mix."""
+    out = root / name
+    if not (out / "phase1a").is_dir():
+        shutil.copytree(root / "eeve" / "tokenizer", out / "tokenizer")
+        shutil.copytree(root / "eeve" / "phase1a", out / "phase1a")
+        shutil.copy(root / "eeve" / "metrics.jsonl", out / "metrics.jsonl")
+    cfg = bori.dataclasses.replace(cfg, out_dir=str(out), mix_1b=mix)
+    metrics = Metrics(out / "metrics.jsonl", True)
+    n_old = json.loads((root / "eeve" / "init" / "DONE.json").read_text())["n_old_rows"]
+    bori.run_phase("1b", cfg, bori.Dist(), out / "phase1a" / "model", bori_tokenizer(out),
+                   evals, metrics, n_old)
+    return out
+
+
+def bori_tokenizer(out: Path):
+    from tokenizers import Tokenizer
+    return Tokenizer.from_file(str(out / "tokenizer" / "tokenizer.json"))
+
+
+@torch.no_grad()
+def generation_speed(folder: Path, tok, prompt: str, n: int = 48) -> dict:
+    """Greedy generation of n tokens: tokens/s and characters/s of the new text."""
+    model = Llama.from_pretrained(folder).eval()
+    idx = torch.tensor([tok.encode(prompt).ids])
+    model.generate(idx, 4, temperature=0)  # warm-up
+    t0 = time.perf_counter()
+    out = model.generate(idx, n, temperature=0)
+    dt = time.perf_counter() - t0
+    text = tok.decode(out[0, idx.shape[1]:].tolist())
+    return {"tokens_per_s": (out.shape[1] - idx.shape[1]) / dt, "chars_per_s": len(text) / dt}
+
+
+def plot(results: dict, runs: dict, path: Path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for init in INITS:
+        pts = [(r["step"], r["ko_bpb"]) for r in evals_of(runs[init], "1a")]
+        a.plot(*zip(*pts), "o-", ms=3, label=f"{init} init")
+    a.axhline(results["base_ko_bpb"], color="grey", ls="--", label="base model")
+    a.set(title="Korean bits/byte during Phase 1A", xlabel="step", ylabel="bits per byte")
+    for name, color in (("replay", "tab:green"), ("no_replay", "tab:red")):
+        pts = [(r["step"], r["en_bpb"]) for r in evals_of(runs[name], "1b")]
+        b.plot(*zip(*pts), "o-", ms=3, color=color, label=f"Phase 1B, {name.replace('_', ' ')}")
+    b.axhline(results["base_en_bpb"], color="grey", ls="--", label="base model")
+    b.axhline(results["base_en_bpb"] * 1.05, color="grey", ls=":", label="base + 5%")
+    b.set(title="English bits/byte during Phase 1B", xlabel="step", ylabel="bits per byte")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="runs/experiments")
+    p.add_argument("--steps_1a", type=int, default=40)
+    p.add_argument("--steps_1b", type=int, default=60)
+    p.add_argument("--json", help="default: OUT/results.json")
+    args = p.parse_args(argv)
+    root = Path(args.out)
+    cfg = bori.load_config(["--preset=demo", f"--out_dir={root}", f"--steps_1a={args.steps_1a}",
+                            f"--decay_1a={args.steps_1a // 5}", f"--steps_1b={args.steps_1b}",
+                            f"--decay_1b={args.steps_1b // 5}", "--eval_every=10",
+                            "--ckpt_every=1000"])
+    torch.manual_seed(cfg.seed)
+    base_dir = bori.resolve_base(cfg.base)
+    evals = {"ko": data.eval_docs(cfg.eval_ko, cfg.eval_bytes),
+             "en": data.eval_docs(cfg.eval_en, cfg.eval_bytes)}
+    bori.stage_tokenizer(bori.dataclasses.replace(cfg, out_dir=str(root)), base_dir, evals)
+    runs = {init: run_init(cfg, root, init, evals, base_dir) for init in INITS}
+    runs["replay"] = run_1b(cfg, root, "replay", "ko=0.9,en=0.1", evals)
+    runs["no_replay"] = run_1b(cfg, root, "no_replay", "ko=1.0", evals)
+    base = evals_of(runs["eeve"], "base")[0]
+    res = {"base_ko_bpb": base["ko_bpb"], "base_en_bpb": base["en_bpb"], "settings": {
+        "steps_1a": args.steps_1a, "steps_1b": args.steps_1b, "seq_len": cfg.seq_len,
+        "batch_tokens": cfg.batch_tokens, "lr_1a": cfg.lr_1a, "lr_1b": cfg.lr_1b,
+        "eval_bytes": cfg.eval_bytes}}
+    for lang in ("ko", "en"):
+        res[f"step0_{lang}_bpb"] = {"base": base[f"{lang}_bpb"], **{
+            i: evals_of(runs[i], "1a")[0][f"{lang}_bpb"] for i in INITS}}
+        res[f"after_1a_{lang}_bpb"] = {i: evals_of(runs[i], "1a")[-1][f"{lang}_bpb"]
+                                       for i in INITS}
+        res[f"after_1b_{lang}_bpb"] = {n: evals_of(runs[n], "1b")[-1][f"{lang}_bpb"]
+                                       for n in ("replay", "no_replay")}
+    res["en_drift_after_1b"] = {n: v / res["base_en_bpb"] - 1
+                                for n, v in res["after_1b_en_bpb"].items()}
+    report = json.loads((root / "tokenizer" / "DONE.json").read_text())["ko"]
+    res["ko_tokens_per_char"] = {t: 1 / report[t]["chars_per_token"] for t in ("base", "merged")}
+    from tokenizers import Tokenizer
+    prompt = "대한민국의 헌법은"
+    res["generation"] = {
+        "base": generation_speed(base_dir, Tokenizer.from_file(str(base_dir / "tokenizer.json")),
+                                 prompt),
+        "merged": generation_speed(runs["replay"] / "phase1b" / "model",
+                                   bori_tokenizer(runs["replay"]), prompt)}
+    print(f"{'bits per byte':<28}{'Korean':>9}{'English':>9}")
+    rows = [("base model", "base_ko_bpb", "base_en_bpb", None)]
+    for i in INITS:
+        rows += [(f"{i}, step 0", "step0_ko_bpb", "step0_en_bpb", i),
+                 (f"{i}, after 1A", "after_1a_ko_bpb", "after_1a_en_bpb", i)]
+    rows += [(f"1B {n.replace('_', ' ')}", "after_1b_ko_bpb", "after_1b_en_bpb", n)
+             for n in ("replay", "no_replay")]
+    for label, ko, en, key in rows:
+        k, e = (res[ko], res[en]) if key is None else (res[ko][key], res[en][key])
+        print(f"{label:<28}{k:>9.4f}{e:>9.4f}")
+    print(f"English drift after 1B: replay {res['en_drift_after_1b']['replay']:+.1%}, "
+          f"no replay {res['en_drift_after_1b']['no_replay']:+.1%}")
+    t = res["ko_tokens_per_char"]
+    g = res["generation"]
+    print(f"Korean tokens per character: base {t['base']:.3f}, merged {t['merged']:.3f}; "
+          f"generation chars/s: base {g['base']['chars_per_s']:.1f}, "
+          f"merged {g['merged']['chars_per_s']:.1f}")
+    json_path = Path(args.json or root / "results.json")
+    json_path.write_text(json.dumps(res, indent=2))
+    plot(res, runs, json_path.with_suffix(".png"))
+    print(f"wrote {json_path} and {json_path.with_suffix('.png')}")
+    return res
+
+
+if __name__ == "__main__":
+    main()
