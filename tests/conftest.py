@@ -20,6 +20,12 @@ ENGLISH = [
     "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n",
     "In 1969, 3 astronauts flew 384,400 km to the Moon; the trip took about 76 hours.",
 ]
+# For perplexity: the converted model gives 7.2; without the Q/K un-permutation, 43.5.
+PARAGRAPH = (
+    "The history of the city goes back to Roman times, when a small settlement was built on the "
+    "banks of the river. Over the following centuries it grew into an important trading centre, "
+    "and by the Middle Ages it had become one of the largest towns in the region. Today it is "
+    "known for its old cathedral, its university and its markets.")
 KOREAN = [
     "대한민국은 민주공화국이다. 대한민국의 주권은 국민에게 있고, 모든 권력은 국민으로부터 나온다.",
     "오늘은 날씨가 맑아서 친구들과 함께 한강 공원에 가서 자전거를 탔습니다.",
