@@ -268,6 +268,8 @@ def broken_base(tmp_path, tiny_base, what: str) -> Path:
 
 BAD_INPUTS = {
     "missing base": (dict(base="/no/such/base"), r"base model '/no/such/base' is neither"),
+    "unreachable hub base": (dict(base="nobody-here/no-such-model"),
+                             r"could not fetch 'nobody-here/no-such-model' from the Hugging Face"),
     "no config.json": ("no_config", r"lacks config.json or tokenizer.json"),
     "missing tensor": ("missing_tensor", r"lacks tensor 'model.layers.0.self_attn.q_proj"),
     "wrong shape": ("wrong_shape", r"tensor 'model.norm.weight' has shape \(7,\)"),
