@@ -4,8 +4,9 @@
 
 The merged tokenizer keeps every base id and merge, then appends new tokens (ids from the base
 size on) and the merges that build them. Every added merge yields a token holding Hangul (or the
-script chosen with --script), so text without it tokenizes exactly as before. Writes tokenizer.json, tokenizer_config.json,
-eeve_map.json (the base pieces of every new token, for model.expand_vocab) and report.json.
+script chosen with --script), so text without it tokenizes exactly as before.
+Writes tokenizer.json, tokenizer_config.json, eeve_map.json (the base pieces of every new
+token, for model.expand_vocab) and report.json.
 BPE: Sennrich et al. 2016, arXiv:1508.07909; byte-level BPE: Radford et al. 2019 (GPT-2).
 """
 import argparse
@@ -110,7 +111,8 @@ def train_korean_bpe(texts, base: Tokenizer, vocab_size: int) -> Tokenizer:
     """A standalone byte-level BPE with the base's pre-tokenizer, trained on texts."""
     from tokenizers import pre_tokenizers
     tok = Tokenizer(models.BPE())
-    tok.normalizer, tok.pre_tokenizer, tok.decoder = base.normalizer, base.pre_tokenizer, base.decoder
+    tok.normalizer, tok.pre_tokenizer = base.normalizer, base.pre_tokenizer
+    tok.decoder = base.decoder
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=True,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   special_tokens=["<|endoftext|>"])
@@ -274,7 +276,8 @@ def print_report(report: dict):
             print(f"{lang:<4} {name:<9} {r['chars_per_token']:9.3f} {r['bytes_per_token']:9.3f} "
                   f"{r['byte_fallback_share']:8.1%}")
         speed = rows["encode_tokens_per_s"]
-        print(f"{lang:<4} encode tokens/s: base {speed['base']:,.0f}, merged {speed['merged']:,.0f}")
+        print(f"{lang:<4} encode tokens/s: base {speed['base']:,.0f}, "
+              f"merged {speed['merged']:,.0f}")
     if "ko" in report:
         ko = report["ko"]
         gain = ko["merged"]["chars_per_token"] / ko["base"]["chars_per_token"]

@@ -13,9 +13,12 @@ def test_bench_writes_ratios_memory_and_data_rate(tmp_path):
     result = json.loads(out.read_text())
     for key in ("ours", "reference", "reference+fus"):
         assert result[key]["tokens_per_s"] > 0
-    assert result["speedup"] == result["ours"]["tokens_per_s"] / \
-        result["reference"]["tokens_per_s"]
-    assert result["peak_gib"]["ours"] > 0.5 and result["data_tokens_per_s"] > 0
+    assert 0.2 < result["speedup"] < 5 and 0.2 < result["speedup_model"] < 5
+    # By hand: 134.5M fp32 parameters need weights + gradients + two AdamW moments = 16 bytes
+    # each, 2.0 GiB, before any activation; a peak below that would be a wrong measurement.
+    for who in ("ours", "reference"):
+        assert 2.0 < result["peak_gib"][who] < 8, result["peak_gib"]
+    assert result["data_tokens_per_s"] > 0
 
 
 def test_bench_recipe_mode_runs_the_fp16_step(tmp_path):

@@ -1,11 +1,9 @@
-"""tokenizer.py: the merged tokenizer against the base tokenizer, tokenizers' own BPE and transformers."""
+"""tokenizer.py: the merged tokenizer against the base tokenizer, tokenizers' BPE, transformers."""
 import json
 import unicodedata
-from pathlib import Path
 
 import pytest
 from conftest import ENGLISH, KOREAN, ROOT
-from tokenizers import Tokenizer
 
 import data
 import tokenizer as T
