@@ -1,6 +1,6 @@
 """Side-by-side benchmark: our train step vs transformers' LlamaForCausalLM, memory, data, MFU.
 
-    python bench.py [--batch 1] [--seq 512] [--rounds 7] [--json out.json]
+    python bench.py [--batch 1] [--seq 512] [--rounds 7] [--compile] [--json out.json]
 
 Both models hold the same SmolLM2-135M weights (the converted offline base unless --base says
 otherwise), dtype, batch and sequence, and take turns in one process, so that machine noise hits
@@ -8,11 +8,14 @@ all alike. Three train steps (forward + backward + AdamW) are timed:
   ours           bori's step: our model, fused AdamW
   reference      transformers' model with torch.optim.AdamW(params), as its examples write it
   reference+fus  transformers' model with fused AdamW (the HF Trainer's default on torch >= 2.8)
+With --compile two more: ours+compile (bori's --compile=true) and reference+fus+compile.
 `speedup` in the JSON is ours over reference; `speedup_model` ours over reference+fus, which
-isolates the model. Peak memory: CUDA's max_memory_allocated, or on the CPU the peak resident
+isolates the model. With --compile both use ours+compile, and `speedup_model` compares it with
+reference+fus+compile: the same optimizer and the same compiler, so again the model alone.
+Peak memory (eager, fused AdamW): CUDA's max_memory_allocated, or on the CPU the peak resident
 size (VmHWM) of a fresh subprocess training one model alone.
 
-    python bench.py --recipe [--steps 30]   # on a GPU: the bori preset's step vs the memory plan
+    python bench.py --recipe [--steps 30] [--compile]   # on a GPU: the bori preset's step vs plan
 
 runs the seed's settings (58,133-token vocabulary, seq 2048, FP16 + GradScaler, checkpointing,
 the plan's micro-batch) on random token ids and reports tokens/s, MFU and peak memory vs plan.
@@ -74,9 +77,14 @@ def time_steps(args, base_dir, device) -> dict:
     steps = {"ours": make_step("ours", ours, device, args.amp),
              "reference": make_step("reference", ref, device, args.amp, fused=False),
              "reference+fus": make_step("reference", ref, device, args.amp)}
+    if args.compile:  # the compiled modules share the weights; compiling is in the warm-up
+        steps["ours+compile"] = make_step("ours", torch.compile(ours), device, args.amp)
+        steps["reference+fus+compile"] = make_step("reference", torch.compile(ref), device,
+                                                   args.amp)
     times = {w: [] for w in steps}
     for r in range(args.rounds + args.warmup):
-        order = list(steps)[r % 3:] + list(steps)[:r % 3]
+        n = r % len(steps)
+        order = list(steps)[n:] + list(steps)[:n]
         for w in order:
             sync(device)
             t0 = time.perf_counter()
@@ -89,10 +97,13 @@ def time_steps(args, base_dir, device) -> dict:
         med = statistics.median(ts)
         out[w] = {"median_s": med, "min_s": min(ts), "max_s": max(ts),
                   "tokens_per_s": args.batch * args.seq / med}
-    out["speedup"] = out["ours"]["tokens_per_s"] / out["reference"]["tokens_per_s"]
-    out["speedup_model"] = out["ours"]["tokens_per_s"] / out["reference+fus"]["tokens_per_s"]
+    best, same = ("ours+compile", "reference+fus+compile") if args.compile else (
+        "ours", "reference+fus")
+    out["speedup"] = out[best]["tokens_per_s"] / out["reference"]["tokens_per_s"]
+    out["speedup_model"] = out[best]["tokens_per_s"] / out[same]["tokens_per_s"]
+    out["speedup_eager"] = out["ours"]["tokens_per_s"] / out["reference"]["tokens_per_s"]
     flops = flops_per_token(ours.cfg, sum(p.numel() for p in ours.parameters()), args.seq)
-    out["mfu_ours"] = out["ours"]["tokens_per_s"] * flops / (args.peak_tflops * 1e12)
+    out["mfu_ours"] = out[best]["tokens_per_s"] * flops / (args.peak_tflops * 1e12)
     return out
 
 
@@ -126,7 +137,7 @@ def recipe_steps(args, base_dir, device) -> dict:
                if device.type == "cuda" else 15.0)
     mb = args.batch if args.batch > 1 else plan.largest_micro_batch(
         model.cfg, args.seq, True, gpu_gib, dtype, limit=64)
-    step = make_step("ours", model, device, amp)
+    step = make_step("ours", torch.compile(model) if args.compile else model, device, amp)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
@@ -141,7 +152,8 @@ def recipe_steps(args, base_dir, device) -> dict:
     flops = flops_per_token(model.cfg, sum(p.numel() for p in model.parameters()), args.seq)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     need = plan.memory_plan(model.cfg, args.seq, mb, True, dtype)
-    return {"device": str(device), "micro_batch": mb, "seq": args.seq, "tokens_per_s": tok_s,
+    return {"device": str(device), "compile": args.compile, "micro_batch": mb, "seq": args.seq,
+            "tokens_per_s": tok_s,
             "mfu": tok_s * flops / (args.peak_tflops * 1e12), "peak_gib": peak,
             "plan_gib": need["total"],
             "fits_16gb_t4": None if peak is None else peak <= 15 - plan.CUDA_CONTEXT_GIB}
@@ -155,6 +167,7 @@ def main():
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--amp", action="store_true", help="fp16 autocast + GradScaler (CUDA)")
+    p.add_argument("--compile", action="store_true", help="also time both models compiled")
     p.add_argument("--peak-tflops", type=float, default=65.0, help="for MFU; T4 FP16: 65")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--recipe", action="store_true", help="the bori preset's step vs the plan")
@@ -186,15 +199,22 @@ def main():
     result["peak_gib"] = {w: peak_memory(args, base_dir, device, w)
                           for w in ("ours", "reference")}
     result["data_tokens_per_s"] = data.benchmark(str(base_dir), seconds=5)
-    result.update(device=str(device), batch=args.batch, seq=args.seq, rounds=args.rounds)
+    result.update(device=str(device), batch=args.batch, seq=args.seq, rounds=args.rounds,
+                  compile=args.compile)
     print(f"train step, {args.batch}x{args.seq} tokens on {device}, {args.rounds} rounds")
-    print(f"{'':<15}{'median s':>10}{'min s':>8}{'max s':>8}{'tokens/s':>10}{'peak GiB':>10}")
-    for w in ("ours", "reference", "reference+fus"):
-        r, peak = result[w], result["peak_gib"].get(w.split("+")[0])
-        print(f"{w:<15}{r['median_s']:>10.3f}{r['min_s']:>8.3f}{r['max_s']:>8.3f}"
-              f"{r['tokens_per_s']:>10.0f}{peak:>10.2f}")
-    print(f"speedup, ours / reference: {result['speedup']:.2f}x; with the same fused AdamW "
-          f"(the model alone): {result['speedup_model']:.2f}x")
+    print(f"{'':<23}{'median s':>10}{'min s':>8}{'max s':>8}{'tokens/s':>10}{'peak GiB':>10}")
+    for w in [k for k in result if isinstance(result[k], dict) and "median_s" in result[k]]:
+        # Both peaks are measured with fused AdamW, eager.
+        r, peak = result[w], {"ours": result["peak_gib"]["ours"],
+                              "reference+fus": result["peak_gib"]["reference"]}.get(w)
+        print(f"{w:<23}{r['median_s']:>10.3f}{r['min_s']:>8.3f}{r['max_s']:>8.3f}"
+              f"{r['tokens_per_s']:>10.0f}{'' if peak is None else f'{peak:.2f}':>10}")
+    ours = "ours+compile" if args.compile else "ours"
+    print(f"speedup, {ours} / reference: {result['speedup']:.2f}x; with the same fused AdamW"
+          f"{' and compiler' if args.compile else ''} (the model alone): "
+          f"{result['speedup_model']:.2f}x")
+    if args.compile:
+        print(f"speedup, ours (eager) / reference: {result['speedup_eager']:.2f}x")
     print(f"our MFU against {args.peak_tflops} TFLOP/s: {result['mfu_ours']:.2%}")
     print(f"data stream: {result['data_tokens_per_s']:,.0f} tokens/s on one core, "
           f"{result['data_tokens_per_s'] / result['ours']['tokens_per_s']:,.0f}x what this "

@@ -82,7 +82,8 @@ class Config:
     dtype: str = "auto"  # auto: float16 on CUDA (a T4 has no fast bf16), float32 on CPU
     grad_checkpointing: bool = True
     gpu_gib: float = 0.0  # memory per GPU for the plan; 0: the GPU's own (on a CPU, a T4's 15)
-    compile: bool = False
+    compile: bool = False  # torch.compile the training model: ~1.2x faster steps on a CPU
+    # (bench.py --compile), after a minute of compiling per phase; not yet measured on a GPU
     peak_tflops: float = 65.0  # T4 FP16 tensor-core peak, for the MFU estimate
     # logging, evaluation, checkpoints
     log_every: int = 10

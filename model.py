@@ -296,7 +296,8 @@ class Llama(nn.Module):
                                  self.cfg.vocab_size)
         if reduction == "sum":
             return loss
-        return loss / max(int((targets != IGNORE_INDEX).sum()), 1)
+        # A tensor divisor, not int(...): no device sync and no torch.compile graph break.
+        return loss / (targets != IGNORE_INDEX).sum().clamp_min(1)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
