@@ -97,13 +97,13 @@ def time_steps(args, base_dir, device) -> dict:
         med = statistics.median(ts)
         out[w] = {"median_s": med, "min_s": min(ts), "max_s": max(ts),
                   "tokens_per_s": args.batch * args.seq / med}
-    best, same = ("ours+compile", "reference+fus+compile") if args.compile else (
+    ours_row, same_row = ("ours+compile", "reference+fus+compile") if args.compile else (
         "ours", "reference+fus")
-    out["speedup"] = out[best]["tokens_per_s"] / out["reference"]["tokens_per_s"]
-    out["speedup_model"] = out[best]["tokens_per_s"] / out[same]["tokens_per_s"]
+    out["speedup"] = out[ours_row]["tokens_per_s"] / out["reference"]["tokens_per_s"]
+    out["speedup_model"] = out[ours_row]["tokens_per_s"] / out[same_row]["tokens_per_s"]
     out["speedup_eager"] = out["ours"]["tokens_per_s"] / out["reference"]["tokens_per_s"]
     flops = flops_per_token(ours.cfg, sum(p.numel() for p in ours.parameters()), args.seq)
-    out["mfu_ours"] = out[best]["tokens_per_s"] * flops / (args.peak_tflops * 1e12)
+    out["mfu_ours"] = out[ours_row]["tokens_per_s"] * flops / (args.peak_tflops * 1e12)
     return out
 
 
