@@ -53,18 +53,23 @@ def parse_weights(spec: str) -> dict:
 # Reading documents
 
 
+def file_kind(file: str) -> str:
+    """.txt, .jsonl, .json or .parquet, through a .gz and other dots in the name."""
+    return Path(file.removesuffix(".gz")).suffix
+
+
 def local_files(spec: str) -> list:
     """The data files a path, folder or glob names, sorted; an error if there are none."""
     path = Path(spec).expanduser()
     found = ([str(path)] if path.is_file() else
              sorted(str(p) for p in path.rglob("*") if p.is_file()) if path.is_dir() else
              sorted(glob.glob(str(path), recursive=True)))
-    files = [f for f in found if f.removesuffix(".gz").endswith(LOCAL_SUFFIXES)]
+    files = [f for f in found if file_kind(f) in LOCAL_SUFFIXES]
     if not files:
         what = "has no .txt/.jsonl/.json/.parquet files" if found else "matches no files"
         raise FileNotFoundError(f"data path {spec!r} {what}; pass a file, folder or glob of "
                                 "text, or hf:NAME[:CONFIG[:SPLIT]] for a hub dataset")
-    if len({Path(f).suffixes[0] if f.endswith(".gz") else Path(f).suffix for f in files}) > 1:
+    if len({file_kind(f) for f in files}) > 1:
         raise ValueError(f"data path {spec!r} mixes file types; give each type its own source")
     return files
 
@@ -75,7 +80,7 @@ def read_local(files: list, text_field: str):
     Invalid UTF-8 bytes are dropped and counted in each document's `bad_bytes`."""
     for file in files:
         opener = gzip.open if file.endswith(".gz") else open
-        is_json = ".json" in Path(file).suffixes[0 if file.endswith(".gz") else -1]
+        is_json = file_kind(file) in (".json", ".jsonl")
         with opener(file, "rb") as f:
             para, para_bad = [], 0
             for n, raw in enumerate(f, 1):
@@ -116,7 +121,7 @@ def open_source(src: Source, rank: int = 0, world_size: int = 1):
         ds = load_dataset(name, config or None, split=split or "train", streaming=True)
     else:
         files = local_files(src.path)
-        if files[0].removesuffix(".gz").endswith(".parquet"):
+        if file_kind(files[0]) == ".parquet":
             ds = load_dataset("parquet", data_files=files, split="train", streaming=True)
         else:
             ds = IterableDataset.from_generator(
