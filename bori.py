@@ -511,10 +511,18 @@ def plan_memory(cfg: Config, d: Dist, model_cfg) -> int:
 
 
 def check_base(cfg: Config, base_dir: Path):
-    """The base folder has a config, and seq_len fits its positions."""
+    """The base folder has a config and a tokenizer bori can extend; seq_len fits."""
     if not (base_dir / "config.json").is_file() or not (base_dir / "tokenizer.json").is_file():
         raise FileNotFoundError(f"base model folder {base_dir} lacks config.json or "
                                 "tokenizer.json; pass a Hugging Face model folder or hub id")
+    tok = json.loads((base_dir / "tokenizer.json").read_text())
+    vocab = {**tok["model"].get("vocab", {}),
+             **{t["content"]: t["id"] for t in tok.get("added_tokens", [])}}
+    if (tok["model"].get("type") != "BPE" or "ByteLevel" not in json.dumps(tok["pre_tokenizer"])
+            or data.EOS_TOKEN not in vocab):
+        raise ValueError(f"the base tokenizer in {base_dir} is not a byte-level BPE with "
+                         f"{data.EOS_TOKEN} as its document separator (SmolLM2's kind), which "
+                         "the tokenizer merge and the packing need; use a SmolLM/SmolLM2 base")
     max_pos = json.loads((base_dir / "config.json").read_text()).get(
         "max_position_embeddings", cfg.seq_len)
     if cfg.seq_len > max_pos:

@@ -262,6 +262,9 @@ def broken_base(tmp_path, tiny_base, what: str) -> Path:
     elif what == "small_vocab":  # a model with fewer rows than its tokenizer has tokens
         state["model.embed_tokens.weight"] = state["model.embed_tokens.weight"][:1000]
         (folder / "config.json").write_text(json.dumps({**cfg, "vocab_size": 1000}))
+    elif what == "other_tokenizer":  # Llama 3 calls its separator <|end_of_text|>
+        tok = folder / "tokenizer.json"
+        tok.write_text(tok.read_text().replace("<|endoftext|>", "<|end_of_text|>"))
     save_file(state, folder / "model.safetensors")
     return folder
 
@@ -274,6 +277,7 @@ BAD_INPUTS = {
     "missing tensor": ("missing_tensor", r"lacks tensor 'model.layers.0.self_attn.q_proj"),
     "wrong shape": ("wrong_shape", r"tensor 'model.norm.weight' has shape \(7,\)"),
     "tokenizer vs model": ("small_vocab", r"tokenizer.json has 49152 tokens but the model only"),
+    "other tokenizer": ("other_tokenizer", r"is not a byte-level BPE with <\|endoftext\|>"),
     "missing corpus": (dict(data_ko="/no/such/*.jsonl"), r"matches no files"),
     "empty corpus": ("empty", r"tokenizer data .* has no text"),
     "no text field": ("nofield", r"line 1 has no text field 'text' \(it has \['body'\]\)"),
