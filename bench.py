@@ -5,7 +5,7 @@
 Both models hold the same SmolLM2-135M weights (the converted offline base unless --base says
 otherwise), dtype, batch and sequence, and take turns in one process, so that machine noise hits
 all alike. Three train steps (forward + backward + AdamW) are timed:
-  ours           bori's step: our model, fused AdamW
+  ours           our model with fused AdamW, as bori builds them (bori also clips gradients)
   reference      transformers' model with torch.optim.AdamW(params), as its examples write it
   reference+fus  transformers' model with fused AdamW (the HF Trainer's default on torch >= 2.8)
 With --compile two more: ours+compile (bori's --compile=true) and reference+fus+compile.

@@ -246,9 +246,14 @@ class LinearCrossEntropy(torch.autograd.Function):
             None, None, None, None
 
 
+def loss_chunk_rows(vocab_size: int) -> int:
+    """Rows per chunk of the loss: 128 MiB of fp32 logits."""
+    return max(1, 2**25 // vocab_size)
+
+
 def cross_entropy_sum(h, weight, targets, vocab_size: int, chunk_rows: int = 0):
     """Summed cross-entropy in nats of (N, C) hidden states against (N,) target ids."""
-    rows = chunk_rows or max(1, 2**25 // vocab_size)  # 128 MiB of fp32 logits per chunk
+    rows = chunk_rows or loss_chunk_rows(vocab_size)
     with_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
     return LinearCrossEntropy.apply(h, weight, targets, vocab_size, rows, with_grad)
 

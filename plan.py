@@ -12,7 +12,7 @@ import functools
 
 import torch
 
-from model import Block, ModelConfig, preset, rope_tables
+from model import Block, ModelConfig, loss_chunk_rows, preset, rope_tables
 
 GIB = 2**30
 CUDA_CONTEXT_GIB = 0.5  # driver and kernels, outside PyTorch's allocator (~0.3-0.5 GiB on a T4)
@@ -61,7 +61,7 @@ def memory_plan(cfg: ModelConfig, seq_len: int, micro_batch: int, checkpointing:
     else:
         activations = cfg.n_layers * per_block
     half = 2 if dtype != torch.float32 else 0
-    rows = min(tokens, max(1, 2**25 // cfg.vocab_size))  # model.cross_entropy_sum's chunk
+    rows = min(tokens, loss_chunk_rows(cfg.vocab_size))
     parts = {
         "weights (fp32 master)": 4 * n_params,
         "weights (autocast copies)": half * (n_params - cfg.padded_vocab_size * cfg.dim),

@@ -128,7 +128,7 @@ def test_sigterm_checkpoints_the_current_step_and_says_interrupted(world, tmp_pa
     cmd = command(out, tiny_base, world, 29661, ckpt_every=100)  # only the SIGTERM one
     code, err, sent = run_until(cmd, lambda: n_train_records(out) >= 3, signal.SIGTERM)
     assert sent and "interrupted: stopped at phase 1a step" in err, err[-2000:]
-    assert code == (bori.EXIT_INTERRUPTED if world == 1 else code) and code != 0
+    assert code == (bori.EXIT_INTERRUPTED if world == 1 else 1)  # torchrun: 1 if any fails
     step = int(re.search(r"stopped at phase 1a step (\d+)", err).group(1))
     records = [r for r in logged(out) if r["kind"] == "train"]
     assert records[-1]["step"] == step  # the checkpoint holds every logged step
