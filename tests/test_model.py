@@ -134,6 +134,29 @@ def test_kv_cache_generation_equals_full_recompute(base_model, base_tok):
     assert torch.equal(out, recomputed)
 
 
+def test_chunked_loss_under_fp16_autocast_does_not_overflow():
+    """dW = g.T @ h reaches 65,604 here, past fp16's 65,504: an unscaled fp16 matmul gives inf.
+    The loss scales g by a power of two first, so it matches fp32 to fp16's rounding."""
+    torch.manual_seed(0)
+    N, C, V = 4096, 64, 3000
+    h = (20 + torch.randn(N, C)).requires_grad_()
+    w = (torch.randn(V, C) * 0.01).requires_grad_()
+    t = torch.zeros(N, dtype=torch.long)  # most rows want token 0: its row of dW piles up
+    t[::5] = torch.randint(0, V, (len(t[::5]),))
+    with torch.autocast("cpu", dtype=torch.float16):
+        ours = cross_entropy_sum(h, w, t, V)
+        g = torch.softmax((h @ w.T).float(), -1) - F.one_hot(t, V)
+        assert not torch.isfinite(g.half().T @ h.half()).all()  # the naive fp16 product
+    ours.backward()
+    h16, w16 = (x.detach().half().float().requires_grad_() for x in (h, w))
+    ref = F.cross_entropy(h16 @ w16.T, t, reduction="sum")  # fp32 on the fp16-rounded inputs
+    ref.backward()
+    assert w16.grad.abs().max() > 65504
+    assert abs(ours.item() - ref.item()) <= 1e-5 * ref.item()
+    assert (h.grad - h16.grad).abs().max() <= 2e-3 * h16.grad.abs().max()
+    assert (w.grad - w16.grad).abs().max() <= 2e-3 * w16.grad.abs().max()
+
+
 @pytest.mark.parametrize("chunk_rows", [0, 64])
 def test_chunked_loss_matches_naive_cross_entropy(chunk_rows):
     torch.manual_seed(0)
