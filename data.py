@@ -69,6 +69,9 @@ def local_files(spec: str) -> list:
         what = "has no .txt/.jsonl/.json/.parquet files" if found else "matches no files"
         raise FileNotFoundError(f"data path {spec!r} {what}; pass a file, folder or glob of "
                                 "text, or hf:NAME[:CONFIG[:SPLIT]] for a hub dataset")
+    if any(f.endswith(".parquet.gz") for f in files):
+        raise ValueError(f"data path {spec!r} holds gzipped parquet, which cannot be streamed; "
+                         "gunzip it (parquet compresses its columns itself)")
     if len({file_kind(f) for f in files}) > 1:
         raise ValueError(f"data path {spec!r} mixes file types; give each type its own source")
     return files

@@ -338,6 +338,27 @@ def test_resume_refuses_breaking_changes_but_allows_safe_ones(tmp_path, tiny_bas
     assert bori.main(tiny_flags(tmp_path, tiny_base, log_every=5, eval_every=2)) == 0
 
 
+def test_resume_refuses_another_process_count_or_a_tokenizer_of_another_base(
+        tmp_path, tiny_base, capsys):
+    import shutil
+    assert bori.main(tiny_flags(tmp_path, tiny_base, stop_after_steps=2)) == bori.EXIT_INTERRUPTED
+    saved = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**saved, "world_size": 2}))
+    assert bori.main(tiny_flags(tmp_path, tiny_base)) == 2
+    assert re.search(r"was started with 2 processes; resume it with as many",
+                     capsys.readouterr().err)
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    # A tokenizer folder brought from a run on another base, before the init stage:
+    shutil.rmtree(tmp_path / "init"), shutil.rmtree(tmp_path / "phase1a")
+    emap_path = tmp_path / "tokenizer" / "eeve_map.json"
+    emap = json.loads(emap_path.read_text())
+    emap_path.write_text(json.dumps({**emap, "base_fingerprint": "another base"}))
+    assert bori.main(tiny_flags(tmp_path, tiny_base)) == 2
+    assert re.search(r"the merged tokenizer in .*tokenizer was built on another base than .*; "
+                     r"delete .*tokenizer \(or use a new out_dir\) to rebuild it",
+                     capsys.readouterr().err)
+
+
 def test_no_pickle_of_untrusted_data():
     """Weights go through safetensors; every torch.load passes weights_only=True."""
     for path in ROOT.glob("*.py"):
