@@ -27,13 +27,18 @@ def all_sum(values: list, device) -> list:
     return t.tolist()
 
 
-def write_json_atomic(path: Path, obj):
+def write_text_atomic(path: Path, text: str):
+    """Write a whole file or, if killed midway, leave the old one: a rename is atomic."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj):
+    write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False))
 
 
 def fsync_dir(path: Path, files: bool = False):
@@ -148,7 +153,11 @@ class Metrics:
         """Drop what a killed run logged past its checkpoint, so that no record appears twice."""
         if not (self.enabled and self.path.is_file()):
             return
-        records = [json.loads(line) for line in self.path.read_text().splitlines() if line]
+        lines = self.path.read_text().splitlines()
+        if lines and not lines[-1].endswith("}"):  # a kill cut the last record short
+            lines.pop()
+        records = [json.loads(line) for line in lines if line]
         keep = [r for r in records if r.get("phase") != phase or r["step"] < step
                 or (r["step"] == step and r["kind"] == "train")]  # the eval at step reruns
-        self.path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in keep))
+        write_text_atomic(self.path, "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                             for r in keep))

@@ -359,6 +359,16 @@ def test_resume_refuses_another_process_count_or_a_tokenizer_of_another_base(
                      capsys.readouterr().err)
 
 
+def test_metrics_after_a_kill_mid_record_keep_every_whole_record_up_to_the_checkpoint(tmp_path):
+    rec = [{"kind": "train", "phase": "1a", "step": s, "loss": 1.0 / s} for s in (1, 2, 3)]
+    rec.insert(2, {"kind": "eval", "phase": "1a", "step": 2, "ko_bpb": 1.5})
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rec) + '{"kind": "train", "pha')
+    checkpoint.Metrics(path, True).truncate_after("1a", 2)  # resuming from step 2
+    assert [json.loads(line) for line in path.read_text().splitlines()] == rec[:2]
+    assert not (tmp_path / "metrics.jsonl.tmp").exists()
+
+
 def test_no_pickle_of_untrusted_data():
     """Weights go through safetensors; every torch.load passes weights_only=True."""
     for path in ROOT.glob("*.py"):
