@@ -22,21 +22,31 @@ the plan's micro-batch) on random token ids and reports tokens/s, MFU and peak m
 """
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer
 
-from convert_gguf import OFFLINE_BASE, resolve_base
-from model import Llama, expand_vocab, flops_per_token
+import data
+import plan
+from base_model import resolve_base
+from convert_gguf import OFFLINE_BASE
+from hf_io import from_pretrained
+from model import expand_vocab, flops_per_token
+from tokenizer import REFERENCE_NEW_TOKENS
+
+BASE_VOCAB = 49152  # SmolLM2's: the random token ids of the timed steps
 
 
 def load(which: str, base_dir, device):
     """Our Llama or transformers' (SDPA attention), fp32 weights, in train mode."""
     if which == "ours":
-        model = Llama.from_pretrained(base_dir)
+        model = from_pretrained(base_dir)
     else:
         from transformers import AutoModelForCausalLM
         model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32,
@@ -71,7 +81,7 @@ def sync(device):
 def time_steps(args, base_dir, device) -> dict:
     """Rotate the three steps, `rounds` timed steps each after a warm-up."""
     torch.manual_seed(0)
-    x = torch.randint(0, 49152, (args.batch, args.seq), device=device)
+    x = torch.randint(0, BASE_VOCAB, (args.batch, args.seq), device=device)
     y = x.roll(-1, dims=1)  # ours is given targets; transformers shifts the labels itself
     ours, ref = load("ours", base_dir, device), load("reference", base_dir, device)
     steps = {"ours": make_step("ours", ours, device, args.amp),
@@ -114,7 +124,7 @@ def peak_memory(args, base_dir, device, which: str) -> float:
         torch.cuda.reset_peak_memory_stats()
         model = load(which, base_dir, device)
         step = make_step(which, model, device, args.amp)
-        x = torch.randint(0, 49152, (args.batch, args.seq), device=device)
+        x = torch.randint(0, BASE_VOCAB, (args.batch, args.seq), device=device)
         for _ in range(2):
             step(x, x.roll(-1, dims=1))
         del model, step
@@ -126,15 +136,14 @@ def peak_memory(args, base_dir, device, which: str) -> float:
 
 def recipe_steps(args, base_dir, device) -> dict:
     """The bori preset's training step on random ids; peak memory against the plan."""
-    import plan
-    model = Llama.from_pretrained(base_dir, pad_vocab_to=64)
-    expand_vocab(model, [[0]] * 8981, "random")  # 58,133 rows; the init is irrelevant here
+    model = from_pretrained(base_dir, pad_vocab_to=64)
+    expand_vocab(model, [[0]] * REFERENCE_NEW_TOKENS, "random")  # 58,133 rows; any init does
     model.to(device).train()
     model.grad_checkpointing = True
     amp = device.type == "cuda" or args.amp
     dtype = torch.float16 if amp else torch.float32
     gpu_gib = (torch.cuda.get_device_properties(device).total_memory / 2**30
-               if device.type == "cuda" else 15.0)
+               if device.type == "cuda" else plan.T4_GIB)
     mb = args.batch if args.batch > 1 else plan.largest_micro_batch(
         model.cfg, args.seq, True, gpu_gib, dtype, limit=64)
     step = make_step("ours", torch.compile(model) if args.compile else model, device, amp)
@@ -156,7 +165,30 @@ def recipe_steps(args, base_dir, device) -> dict:
             "tokens_per_s": tok_s,
             "mfu": tok_s * flops / (args.peak_tflops * 1e12), "peak_gib": peak,
             "plan_gib": need["total"],
-            "fits_16gb_t4": None if peak is None else peak <= 15 - plan.CUDA_CONTEXT_GIB}
+            "fits_16gb_t4": None if peak is None else peak <= plan.T4_GIB - plan.CUDA_CONTEXT_GIB}
+
+
+def packed_tokens_per_s(tokenizer_dir, seconds: float = 10.0) -> float:
+    """Packed tokens per second from the bundled Korean corpus on one core (data.Mixture)."""
+    os.environ["RAYON_NUM_THREADS"] = "1"  # tokenizers' thread pool, read at first use
+    tok = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
+    mix = data.Mixture({"ko": data.Source("ko", data.BUNDLED["ko_train"])}, {"ko": 1.0}, tok,
+                       tok.token_to_id(data.EOS_TOKEN), seq_len=2048, batch_size=8)
+    mix.next_batch()  # warm-up
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        n += mix.next_batch()[0].numel()
+    return n / (time.perf_counter() - t0)
+
+
+def encode_tokens_per_s(tokenizer_dir, texts: list, repeat: int = 3) -> float:
+    """Tokens per second of encode_batch on texts, best of `repeat` runs."""
+    tok, best = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json")), float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        n = sum(len(e.ids) for e in tok.encode_batch(texts))
+        best = min(best, time.perf_counter() - t0)
+    return n / best
 
 
 def main():
@@ -172,6 +204,8 @@ def main():
     p.add_argument("--json", help="write the results here")
     p.add_argument("--recipe", action="store_true", help="the bori preset's step vs the plan")
     p.add_argument("--steps", type=int, default=30, help="timed steps with --recipe")
+    p.add_argument("--merged", help="a merged tokenizer folder (out_dir/tokenizer): its Korean "
+                   "encoding speed beside the base's")
     p.add_argument("--_peak", help=argparse.SUPPRESS)
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -179,7 +213,7 @@ def main():
     if args._peak:  # the subprocess of peak_memory(): train a few steps, print peak RSS
         model = load(args._peak, base_dir, device)
         step = make_step(args._peak, model, device, False)
-        x = torch.randint(0, 49152, (args.batch, args.seq))
+        x = torch.randint(0, BASE_VOCAB, (args.batch, args.seq))
         for _ in range(2):
             step(x, x.roll(-1, dims=1))
         # VmHWM, not ru_maxrss: the latter keeps the parent's peak across fork + exec.
@@ -194,11 +228,14 @@ def main():
             with open(args.json, "w") as f:
                 json.dump(result, f, indent=2)
         return
-    import data
     result = time_steps(args, base_dir, device)
     result["peak_gib"] = {w: peak_memory(args, base_dir, device, w)
                           for w in ("ours", "reference")}
-    result["data_tokens_per_s"] = data.benchmark(str(base_dir), seconds=5)
+    result["data_tokens_per_s"] = packed_tokens_per_s(base_dir, seconds=5)
+    korean = list(data.iter_texts([data.BUNDLED["ko_eval"]]))
+    result["encode_tokens_per_s"] = {"base": encode_tokens_per_s(base_dir, korean)}
+    if args.merged:
+        result["encode_tokens_per_s"]["merged"] = encode_tokens_per_s(args.merged, korean)
     result.update(device=str(device), batch=args.batch, seq=args.seq, rounds=args.rounds,
                   compile=args.compile)
     print(f"train step, {args.batch}x{args.seq} tokens on {device}, {args.rounds} rounds")
@@ -216,6 +253,8 @@ def main():
     if args.compile:
         print(f"speedup, ours (eager) / reference: {result['speedup_eager']:.2f}x")
     print(f"our MFU against {args.peak_tflops} TFLOP/s: {result['mfu_ours']:.2%}")
+    speeds = ", ".join(f"{k} {v:,.0f}" for k, v in result["encode_tokens_per_s"].items())
+    print(f"Korean encode_batch tokens/s: {speeds}")
     print(f"data stream: {result['data_tokens_per_s']:,.0f} tokens/s on one core, "
           f"{result['data_tokens_per_s'] / result['ours']['tokens_per_s']:,.0f}x what this "
           "device trains")

@@ -10,27 +10,39 @@ marker; running the same command again skips finished stages and resumes from th
 checkpoint. Every knob of the recipe is in Config below; `--key=value` overrides any of them.
 """
 import dataclasses
-import difflib
 import json
 import os
 import shutil
 import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
+from tokenizers import Tokenizer
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
 import data
-from checkpoint import (Metrics, all_sum, barrier, export_folder, latest_checkpoint,
-                        load_checkpoint, save_checkpoint, write_json_atomic)
-from convert_gguf import OFFLINE_BASE, resolve_base
+import tokenizer
+from atomic import write_json
+from base_model import check_base, resolve_base
+from checkpoint import export_folder, latest_checkpoint, load_checkpoint, save_checkpoint
+from config import check_resume, load_config, parse_flags, validate
+from convert_gguf import OFFLINE_BASE
+from distributed import (DistEnv, all_sum, autocast, barrier, print0, setup_distributed,
+                         shutdown)
 from evaluate import evaluate, samples
-from model import Llama, ModelConfig, expand_vocab, flops_per_token
-from schedule import SHAPES, lr_at
+from export_gguf import export_run
+from hf_io import config_from_hf, from_pretrained
+from model import Llama, flops_per_token
+from plan import plan_for_run
+from prepare import eval_sets, stage_init, stage_tokenizer
+from report import Metrics, summary
+from schedule import lr_at
 
 EXIT_INTERRUPTED = 143  # 128 + SIGTERM, what schedulers and notebooks expect
 
@@ -47,8 +59,8 @@ class Config:
     eval_en: str = data.BUNDLED["en_eval"]
     eval_bytes: int = 200_000  # UTF-8 bytes of held-out text per language
     # tokenizer and vocabulary expansion
-    new_tokens: int = 8981  # 49,152 + 8,981 = 58,133
-    script: str = "hangul"  # new tokens must hold this script (tokenizer.SCRIPTS)
+    new_tokens: int = tokenizer.REFERENCE_NEW_TOKENS  # 49,152 + 8,981 = 58,133
+    unicode_script: str = "hangul"  # every new token holds this script (tokenizer.SCRIPTS)
     tokenizer_data: str = ""  # Korean text for the BPE (empty: data_ko)
     tokenizer_bytes: int = 100_000_000  # how much of it the BPE is trained on (0: all)
     init: str = "eeve"  # eeve | mean | random
@@ -82,8 +94,9 @@ class Config:
     dtype: str = "auto"  # auto: float16 on CUDA (a T4 has no fast bf16), float32 on CPU
     grad_checkpointing: bool = True
     gpu_gib: float = 0.0  # memory per GPU for the plan; 0: the GPU's own (on a CPU, a T4's 15)
-    compile: bool = False  # torch.compile the training model: ~1.2x faster steps on a CPU
-    # (bench.py --compile), after a minute of compiling per phase; not yet measured on a GPU
+    # torch.compile: ~1.2x faster steps on a CPU (bench.py --compile) after a minute of
+    # compiling per phase; not yet measured on a GPU
+    compile: bool = False
     peak_tflops: float = 65.0  # T4 FP16 tensor-core peak, for the MFU estimate
     # logging, evaluation, checkpoints
     log_every: int = 10
@@ -99,7 +112,7 @@ class Config:
     debug: bool = False  # show tracebacks
 
 
-PRESETS = {
+PRESETS = {  # the first is the default
     "bori": {},
     "demo": dict(out_dir="runs/demo", base=OFFLINE_BASE, data_ko=data.BUNDLED["ko_train"],
                  data_en=data.BUNDLED["en_train"], eval_ko=data.BUNDLED["ko_eval"],
@@ -108,156 +121,32 @@ PRESETS = {
                  steps_1b=30, lr_1b=2e-4, warmup_1b=3, decay_1b=6, grad_checkpointing=False,
                  log_every=5, eval_every=15, ckpt_every=10, sample_tokens=24),
 }
+RENAMED = {"script": "unicode_script"}  # old flag -> its field: old commands keep working
 # Changing these after a run has started would make its saved state meaningless.
-RESUME_FIXED = ("base", "data_ko", "data_en", "text_field", "new_tokens", "script",
+RESUME_FIXED = ("base", "data_ko", "data_en", "text_field", "new_tokens", "unicode_script",
                 "tokenizer_data", "tokenizer_bytes", "init", "pad_vocab_to", "seq_len",
                 "micro_batch", "batch_tokens", "mix_1a", "mix_1b", "new_rows_only", "seed")
 
-# ----------------------------------------------------------------------------------------------
-# Configuration from presets, a TOML file and --key=value flags
+
+@dataclass(frozen=True)
+class Phase:
+    """One training phase: what trains, on which data, for how long, at which learning rate."""
+    name: str  # "1a" or "1b": it lives in out_dir/phase{name}
+    steps: int
+    lr: float  # the WSD schedule's peak
+    warmup: int
+    decay: int
+    mix: str  # source weights, e.g. "ko=0.9,en=0.1"
+    trains: str  # "embeddings", "new_rows" (of the embedding) or "all"
+    seed: int  # of the mixture's draws
 
 
-def parse_value(field, text: str):
-    if field.type is bool:
-        if text.lower() not in ("true", "false"):
-            raise ValueError(f"--{field.name}={text}: expected true or false")
-        return text.lower() == "true"
-    try:
-        return field.type(text)
-    except ValueError:
-        raise ValueError(f"--{field.name}={text}: expected {field.type.__name__}") from None
-
-
-def load_config(argv: list) -> Config:
-    """Defaults, then --preset, then --config=FILE.toml, then the other --key=value flags."""
-    known = {f.name: f for f in fields(Config)}
-    flags = {}
-    for arg in argv:
-        key, eq, value = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or not eq:
-            raise ValueError(f"argument {arg!r} is not --key=value (booleans: --key=true)")
-        if key not in known and key not in ("preset", "config"):
-            close = difflib.get_close_matches(key, [*known, "preset", "config"], n=1)
-            raise ValueError(f"unknown option --{key}"
-                             + (f"; did you mean --{close[0]}?" if close else ""))
-        flags[key] = value
-    name = flags.pop("preset", "bori")
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    values = dict(PRESETS[name])
-    if "config" in flags:
-        import tomllib
-        path = Path(flags.pop("config"))
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist")
-        for key, value in tomllib.loads(path.read_text()).items():
-            if key not in known:
-                raise ValueError(f"unknown key {key!r} in {path}")
-            if not isinstance(value, known[key].type) and not (
-                    known[key].type is float and isinstance(value, int)):
-                raise ValueError(f"{key} = {value!r} in {path}: expected "
-                                 f"{known[key].type.__name__}")
-            values[key] = value
-    values.update({k: parse_value(known[k], v) for k, v in flags.items()})
-    return Config(**values)
-
-
-def validate(cfg: Config, world_size: int):
-    """Every check that needs no model and no process group."""
-    per_step = max(cfg.micro_batch, 1) * cfg.seq_len * world_size
-    if cfg.micro_batch < 0 or cfg.seq_len < 1 or cfg.batch_tokens % per_step:
-        good = max(1, round(cfg.batch_tokens / max(per_step, 1))) * per_step
-        raise ValueError(f"batch_tokens={cfg.batch_tokens} is not a multiple of {per_step} "
-                         f"(micro_batch*seq_len*world_size); try batch_tokens={good}")
-    for phase in ("1a", "1b"):
-        steps, warm, dec = (getattr(cfg, f"{k}_{phase}") for k in ("steps", "warmup", "decay"))
-        if steps < 1 or warm < 0 or dec < 1 or warm + dec > steps:
-            raise ValueError(f"phase {phase}: need steps >= 1, decay >= 1 and warmup + decay "
-                             f"<= steps (got steps {steps}, warmup {warm}, decay {dec})")
-        data.parse_weights(getattr(cfg, f"mix_{phase}"))
-    from tokenizer import SCRIPTS
-    checks = [(cfg.init in ("eeve", "mean", "random"), "init must be eeve, mean or random"),
-              (cfg.script in SCRIPTS, f"script must be one of {sorted(SCRIPTS)}"),
-              (cfg.dtype in ("auto", "float16", "bfloat16", "float32"),
-               "dtype must be auto, float16, bfloat16 or float32"),
-              (cfg.device in ("auto", "cuda", "cpu"), "device must be auto, cuda or cpu"),
-              (cfg.decay_shape in SHAPES, f"decay_shape must be one of {SHAPES}"),
-              (0 < cfg.min_lr_ratio <= 1, "min_lr_ratio must be in (0, 1]"),
-              (cfg.new_tokens > 0 and cfg.eval_bytes > 0 and cfg.pad_vocab_to > 0,
-               "new_tokens, eval_bytes and pad_vocab_to must be positive"),
-              (min(cfg.log_every, cfg.eval_every, cfg.ckpt_every, cfg.keep_ckpts,
-                   cfg.max_bad_steps) > 0,
-               "log_every, eval_every, ckpt_every, keep_ckpts and max_bad_steps must be > 0")]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
-
-
-def check_resume(cfg: Config, out: Path, world_size: int):
-    """Refuse to continue a run whose saved config differs in a field that breaks it."""
-    if not (out / "config.json").is_file():
-        return
-    saved = json.loads((out / "config.json").read_text())
-    changed = [k for k in RESUME_FIXED if k in saved and saved[k] != getattr(cfg, k)]
-    if changed:
-        diff = ", ".join(f"{k}: {saved[k]!r} -> {getattr(cfg, k)!r}" for k in changed)
-        raise ValueError(f"{out} holds a run made with other settings ({diff}); use a new "
-                         "out_dir or the original values")
-    if saved.get("world_size", world_size) != world_size:
-        raise ValueError(f"{out} was started with {saved['world_size']} processes; resume it "
-                         "with as many (data streams and checkpoints are per rank)")
-
-# ----------------------------------------------------------------------------------------------
-# Distributed setup
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def is_master(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(cfg: Config) -> Dist:
-    """Rank and device from torchrun's variables; NCCL on CUDA, gloo on CPU."""
-    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        raise ValueError("device=cuda but no CUDA GPU is visible; use device=cpu")
-    d = Dist(int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
-             int(os.environ.get("WORLD_SIZE", 1)))
-    d.device = torch.device(f"cuda:{d.local_rank}" if use_cuda else "cpu")
-    if use_cuda:
-        torch.cuda.set_device(d.device)
-    if d.world_size > 1:
-        import datetime
-        dist.init_process_group("nccl" if use_cuda else "gloo",
-                                timeout=datetime.timedelta(minutes=60))
-    return d
-
-
-def print0(d: Dist, *args):
-    if d.is_master:
-        print(*args, flush=True)
-
-
-def amp_context(cfg: Config, d: Dist):
-    """(autocast context, its dtype or None for fp32). bf16 only when asked: T4s emulate it."""
-    name = cfg.dtype if cfg.dtype != "auto" else ("float16" if d.device.type == "cuda"
-                                                  else "float32")
-    if name == "float32":
-        return nullcontext(), None
-    return torch.autocast(d.device.type, dtype=getattr(torch, name)), getattr(torch, name)
-
-# ----------------------------------------------------------------------------------------------
-# One training phase
-
-
-STOP = {"signal": None, "in_loop": False}  # the SIGTERM handler's flag, read at step boundaries
+def recipe(cfg: Config) -> list:
+    """The two phases, from Config's flat fields (so --lr_1b=... sets Phase 1B's lr)."""
+    return [Phase("1a", cfg.steps_1a, cfg.lr_1a, cfg.warmup_1a, cfg.decay_1a, cfg.mix_1a,
+                  "new_rows" if cfg.new_rows_only else "embeddings", cfg.seed),
+            Phase("1b", cfg.steps_1b, cfg.lr_1b, cfg.warmup_1b, cfg.decay_1b, cfg.mix_1b,
+                  "all", cfg.seed + 1)]
 
 
 class TrainingStopped(Exception):
@@ -268,365 +157,289 @@ class TrainingDiverged(Exception):
     """Loss or gradients stayed non-finite for max_bad_steps steps."""
 
 
-def on_sigterm(signum, frame):
-    STOP["signal"] = signum
-    if not STOP["in_loop"]:  # between stages nothing is half-written: stop at once
-        raise TrainingStopped("stopped by SIGTERM between stages; finished stages are kept")
+@dataclass
+class Run:
+    """What every stage of one run shares."""
+    cfg: Config
+    env: DistEnv
+    metrics: Metrics
+    evals: dict  # held-out texts per language
+    stop: threading.Event  # set by SIGTERM; read at step boundaries and between stages
+
+    def __post_init__(self):
+        self.out = Path(self.cfg.out_dir)
+        self.ctx, self.amp_dtype = autocast(self.cfg.dtype, self.env.device)
+
+    def check_stop(self, before: str):
+        if self.stop.is_set():
+            raise TrainingStopped(f"stopped by SIGTERM before {before}; finished stages are "
+                                  "kept: run the same command to go on")
+
+# ----------------------------------------------------------------------------------------------
+# One training phase: set-up, the loop, the finish
 
 
-def set_trainable(raw: Llama, phase: str, cfg: Config, n_old_rows: int):
-    """Phase 1A: only the embedding (= the tied LM head); Phase 1B: everything."""
-    for name, p in raw.named_parameters():
-        p.requires_grad = phase == "1b" or name in ("embed_tokens.weight", "lm_head.weight")
-    if phase == "1a" and cfg.new_rows_only:  # old rows' gradient zeroed before DDP sees it
-        for p in {raw.embed_tokens.weight, raw.lm_head.weight}:
+@dataclass
+class Training:
+    """What a phase trains with; step counts the optimizer steps done."""
+    raw_model: Llama  # what is saved: the model before DDP and torch.compile wrap it
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    mixture: data.Mixture
+    step: int = 0
+
+
+def set_trainable(raw_model: Llama, phase: Phase, n_old_rows: int):
+    """Phase 1A: only the embedding (= the tied LM head), or only its new rows; 1B: all."""
+    for name, p in raw_model.named_parameters():
+        p.requires_grad = phase.trains == "all" or name in ("embed_tokens.weight",
+                                                            "lm_head.weight")
+    if phase.trains == "new_rows":  # old rows' gradient zeroed before DDP sees it
+        for p in {raw_model.embed_tokens.weight, raw_model.lm_head.weight}:
             p.register_hook(lambda g: torch.cat([torch.zeros_like(g[:n_old_rows]),
                                                  g[n_old_rows:]]))
 
 
-def make_optimizer(raw: Llama, cfg: Config, phase: str, d: Dist):
-    """AdamW (arXiv:1711.05101): matrices decay, norms don't, nor do masked old rows. Fused:
-    one kernel for all parameters (3x faster here on the CPU), and GradScaler-aware on CUDA."""
-    params = [p for p in raw.parameters() if p.requires_grad]
-    decay = 0.0 if phase == "1a" and cfg.new_rows_only else cfg.weight_decay
+def make_optimizer(raw_model: Llama, cfg: Config, phase: Phase):
+    """AdamW: matrices decay, norms don't, nor do frozen old rows (decay would shrink them).
+    Fused: one kernel for all parameters, and GradScaler-aware on CUDA."""
+    params = [p for p in raw_model.parameters() if p.requires_grad]
+    decay = 0.0 if phase.trains == "new_rows" else cfg.weight_decay
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=0.0,
                              betas=(cfg.beta1, cfg.beta2), fused=True)
 
 
-def train_step(model, raw, optimizer, scaler, mixture, accum: int, cfg: Config, d: Dist, ctx):
+def setup_phase(run: Run, phase: Phase, start_dir: Path, tok, n_old_rows: int) -> Training:
+    """The model from start_dir (the last stage's export) or the phase's newest checkpoint,
+    and everything that resumes with it."""
+    cfg, env, phase_dir = run.cfg, run.env, run.out / f"phase{phase.name}"
+    phase_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = latest_checkpoint(phase_dir)
+    raw_model = from_pretrained(ckpt or start_dir, pad_vocab_to=cfg.pad_vocab_to).to(env.device)
+    raw_model.grad_checkpointing = cfg.grad_checkpointing
+    set_trainable(raw_model, phase, n_old_rows)
+    model = raw_model
+    if env.world_size > 1:  # wrapped after freezing: DDP fixes its gradient hooks here
+        model = DDP(raw_model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
+    model = torch.compile(model) if cfg.compile else model
+    optimizer = make_optimizer(raw_model, cfg, phase)
+    scaler = torch.amp.GradScaler(env.device.type, enabled=run.amp_dtype == torch.float16)
+    sources = {n: data.Source(n, getattr(cfg, f"data_{n}"), cfg.text_field) for n in ("ko", "en")}
+    mixture = data.Mixture(sources, data.parse_weights(phase.mix), tok,
+                           tok.token_to_id(data.EOS_TOKEN), cfg.seq_len, cfg.micro_batch,
+                           phase.seed, env.rank, env.world_size)
+    t = Training(raw_model, model, optimizer, scaler, mixture)
+    handover = start_dir.parent / f"data-rank{env.rank}.pt"  # where the last phase stopped
+    if ckpt:
+        t.step = load_checkpoint(ckpt, optimizer, scaler, mixture, env.rank, env.device)
+        print0(env, f"phase {phase.name}: resuming from {ckpt} at step {t.step}")
+    elif handover.is_file():  # a stream continues where the last phase stopped reading it
+        streams = torch.load(handover, weights_only=True)["streams"]
+        for name in streams.keys() & mixture.streams.keys():
+            mixture.streams[name].load_state_dict(streams[name])
+    run.metrics.truncate_after(phase.name, t.step)  # what a killed run logged after its ckpt
+    return t
+
+
+def train_step(run: Run, t: Training, accum: int):
     """Gradient accumulation, unscale, clip, step. Returns (loss, grad norm, skipped)."""
-    loss_sum = torch.zeros((), device=d.device)
+    env = run.env
+    loss_sum = torch.zeros((), device=env.device)
     for micro in range(accum):
-        x, y = (t.to(d.device, non_blocking=True) for t in mixture.next_batch())
-        sync = model.no_sync() if d.world_size > 1 and micro < accum - 1 else nullcontext()
+        x, y = (v.to(env.device, non_blocking=True) for v in t.mixture.next_batch())
+        sync = t.model.no_sync() if env.world_size > 1 and micro < accum - 1 else nullcontext()
         with sync:
-            with ctx:
-                loss = model(x, y) / accum
-            scaler.scale(loss).backward()
+            with run.ctx:
+                loss = t.model(x, y) / accum
+            t.scaler.scale(loss).backward()
         loss_sum += loss.detach()
-    scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+    t.scaler.unscale_(t.optimizer)  # clip the true gradients, not the scaled ones
     grad_norm = torch.nn.utils.clip_grad_norm_(
-        [p for p in raw.parameters() if p.requires_grad], cfg.grad_clip)
+        [p for p in t.raw_model.parameters() if p.requires_grad], run.cfg.grad_clip)
     finite = bool(torch.isfinite(grad_norm) & torch.isfinite(loss_sum))
-    scale_before = scaler.get_scale()
-    if finite or scaler.is_enabled():  # GradScaler skips a non-finite step by itself
-        scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    skipped = not finite or scaler.get_scale() < scale_before
+    scale_before = t.scaler.get_scale()
+    if finite or t.scaler.is_enabled():  # GradScaler skips a non-finite step by itself
+        t.scaler.step(t.optimizer)
+    t.scaler.update()
+    t.optimizer.zero_grad(set_to_none=True)
+    skipped = not finite or t.scaler.get_scale() < scale_before
     return loss_sum.item(), float(grad_norm), skipped
 
 
-def run_phase(phase: str, cfg: Config, d: Dist, start_dir: Path, tok, evals: dict,
-              metrics: Metrics, n_old_rows: int) -> Path:
-    """Train one phase from start_dir (or its newest checkpoint); return its exported folder."""
-    from tqdm import tqdm
-    out = Path(cfg.out_dir)
-    phase_dir, export = out / f"phase{phase}", out / f"phase{phase}" / "model"
-    if (phase_dir / "DONE.json").is_file():
-        print0(d, f"phase {phase}: done already ({export})")
-        return export
-    steps, peak, warmup, decay = (getattr(cfg, f"{k}_{phase}") for k in
-                                  ("steps", "lr", "warmup", "decay"))
-    phase_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = latest_checkpoint(phase_dir)
-    raw = Llama.from_pretrained(ckpt or start_dir, pad_vocab_to=cfg.pad_vocab_to).to(d.device)
-    raw.grad_checkpointing = cfg.grad_checkpointing
-    set_trainable(raw, phase, cfg, n_old_rows)
-    model = raw
-    if d.world_size > 1:  # wrapped after freezing: DDP fixes its gradient hooks here
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(raw, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
-    model = torch.compile(model) if cfg.compile else model
-    optimizer = make_optimizer(raw, cfg, phase, d)
-    ctx, dtype = amp_context(cfg, d)
-    scaler = torch.amp.GradScaler(d.device.type, enabled=dtype == torch.float16)
-    sources = {n: data.Source(n, getattr(cfg, f"data_{n}"), cfg.text_field) for n in ("ko", "en")}
-    mixture = data.Mixture(sources, data.parse_weights(getattr(cfg, f"mix_{phase}")), tok,
-                           tok.token_to_id(data.EOS_TOKEN), cfg.seq_len, cfg.micro_batch,
-                           cfg.seed + (phase == "1b"), d.rank, d.world_size)
-    step = 0
-    if ckpt:
-        step = load_checkpoint(ckpt, optimizer, scaler, mixture, d.rank, d.device)
-        print0(d, f"phase {phase}: resuming from {ckpt} at step {step}")
-    elif phase == "1b" and (out / "phase1a" / f"data-rank{d.rank}.pt").is_file():
-        # Korean continues where Phase 1A stopped reading: no document is seen twice.
-        prev = torch.load(out / "phase1a" / f"data-rank{d.rank}.pt", weights_only=True)
-        mixture.streams["ko"].load_state_dict(prev["streams"]["ko"])
-    metrics.truncate_after(phase, step)  # what a killed run logged after its checkpoint
-    accum = cfg.batch_tokens // (cfg.micro_batch * cfg.seq_len * d.world_size)
-    flops = flops_per_token(raw.cfg, sum(p.numel() for p in raw.parameters()), cfg.seq_len)
-    start_step, t_start, bad_steps = step, time.time(), 0
-    bar = tqdm(total=steps, initial=step, desc=f"phase {phase}", disable=not d.is_master)
-    STOP["in_loop"] = True
-    while True:  # eval, save, (stop?), micro-steps, clip, step, log
-        if step % cfg.eval_every == 0 or step == steps:
-            scores = evaluate(raw, tok, evals, cfg.seq_len, d.device, ctx, d.rank, d.world_size)
-            metrics.log(kind="eval", phase=phase, step=step, **scores, mix=mixture.realised())
-            bar.write(f"phase {phase} step {step}: "
+def stop_requested(run: Run, t: Training, start_step: int, t_start: float) -> bool:
+    """A signal, max_hours or stop_after_steps, on any rank: then every rank stops."""
+    cfg = run.cfg
+    local = (run.stop.is_set() or (cfg.max_hours and time.time() - t_start > cfg.max_hours * 3600)
+             or (cfg.stop_after_steps and t.step - start_step >= cfg.stop_after_steps))
+    return all_sum([float(bool(local))], run.env.device)[0] > 0
+
+
+def train(run: Run, phase: Phase, t: Training, tok) -> dict:
+    """The loop: evaluate, save or stop, step, log; returns the last held-out scores."""
+    cfg, env, phase_dir = run.cfg, run.env, run.out / f"phase{phase.name}"
+    accum = cfg.batch_tokens // (cfg.micro_batch * cfg.seq_len * env.world_size)
+    flops = flops_per_token(t.raw_model.cfg, sum(p.numel() for p in t.raw_model.parameters()),
+                            cfg.seq_len)
+    start_step, t_start, bad_steps = t.step, time.time(), 0
+    bar = tqdm(total=phase.steps, initial=t.step, desc=f"phase {phase.name}",
+               disable=not env.is_master)
+    while True:
+        # evaluate: held-out bits per byte every eval_every steps and after the last one
+        if t.step % cfg.eval_every == 0 or t.step == phase.steps:
+            scores = evaluate(t.raw_model, tok, run.evals, cfg.seq_len, env.device, run.ctx,
+                              env.rank, env.world_size)
+            run.metrics.log(kind="eval", phase=phase.name, step=t.step, **scores,
+                            mix=t.mixture.realised())
+            bar.write(f"phase {phase.name} step {t.step}: "
                       + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
-        if step == steps:
+        if t.step == phase.steps:
             break
-        # No checkpoint inside a streak of non-finite steps: the last one stays the good one.
-        saving = step > start_step and step % cfg.ckpt_every == 0 and bad_steps == 0
-        local_stop = (STOP["signal"] is not None
-                      or (cfg.max_hours and time.time() - t_start > cfg.max_hours * 3600)
-                      or (cfg.stop_after_steps and step - start_step >= cfg.stop_after_steps))
-        stop = all_sum([float(bool(local_stop))], d.device)[0] > 0  # every rank agrees
-        if saving or (stop and step > start_step):
-            save_checkpoint(phase_dir, step, raw, optimizer, scaler, mixture, cfg.keep_ckpts,
-                            d.rank, d.device)
+        # save or stop; never save inside a streak of non-finite steps: keep the last good one
+        stop = stop_requested(run, t, start_step, t_start)
+        if (t.step > start_step and bad_steps == 0 and t.step % cfg.ckpt_every == 0) or (
+                stop and t.step > start_step):
+            save_checkpoint(phase_dir, t.step, t.raw_model, t.optimizer, t.scaler, t.mixture,
+                            cfg.keep_ckpts, env.rank, env.device)
         if stop:
-            raise TrainingStopped(f"stopped at phase {phase} step {step}; the checkpoint is in "
-                                  f"{phase_dir}: run the same command to resume")
-        lr = lr_at(step, peak, steps, warmup, decay, cfg.min_lr_ratio, cfg.decay_shape)
-        for group in optimizer.param_groups:
+            raise TrainingStopped(f"stopped at phase {phase.name} step {t.step}; the checkpoint "
+                                  f"is in {phase_dir}: run the same command to resume")
+        # step: the scheduled learning rate, accumulation, clipping, AdamW
+        lr = lr_at(t.step, phase.lr, phase.steps, phase.warmup, phase.decay, cfg.min_lr_ratio,
+                   cfg.decay_shape)
+        for group in t.optimizer.param_groups:
             group["lr"] = lr
         t_step = time.time()  # tokens/s of the step alone, not of evals and checkpoints
-        loss, grad_norm, skipped = train_step(model, raw, optimizer, scaler, mixture, accum,
-                                              cfg, d, ctx)
+        loss, grad_norm, skipped = train_step(run, t, accum)
         bad_steps = bad_steps + 1 if skipped else 0
         if bad_steps >= cfg.max_bad_steps:
-            last = latest_checkpoint(phase_dir)
             raise TrainingDiverged(
-                f"phase {phase}: loss or gradients were non-finite for {bad_steps} steps in a "
-                f"row, up to step {step}; the last good checkpoint is {last or 'none'}; lower "
-                f"lr_{phase} (now {peak}) or check the data, then run the same command")
-        step += 1
-        loss = all_sum([loss], d.device)[0] / d.world_size
+                f"phase {phase.name}: loss or gradients were non-finite for {bad_steps} steps "
+                f"in a row, up to step {t.step}; the last good checkpoint is "
+                f"{latest_checkpoint(phase_dir) or 'none'}; lower lr_{phase.name} (now "
+                f"{phase.lr}) or check the data, then run the same command")
+        t.step += 1
+        # log: the loss averaged over ranks, tokens/s and MFU of this step
+        loss = all_sum([loss], env.device)[0] / env.world_size
         tok_s = cfg.batch_tokens / max(time.time() - t_step, 1e-9)
-        mfu = tok_s * flops / (cfg.peak_tflops * 1e12 * d.world_size)
-        metrics.log(kind="train", phase=phase, step=step, loss=loss, lr=lr, grad_norm=grad_norm,
-                    skipped=skipped, scale=scaler.get_scale(), tokens=step * cfg.batch_tokens,
-                    tok_per_s=tok_s, mfu=mfu)
+        mfu = tok_s * flops / (cfg.peak_tflops * 1e12 * env.world_size)
+        run.metrics.log(kind="train", phase=phase.name, step=t.step, loss=loss, lr=lr,
+                        grad_norm=grad_norm, skipped=skipped, scale=t.scaler.get_scale(),
+                        tokens=t.step * cfg.batch_tokens, tok_per_s=tok_s, mfu=mfu)
         bar.update(1)
-        if step % cfg.log_every == 0 or skipped:
+        if t.step % cfg.log_every == 0 or skipped:
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tok_s:,.0f}",
                             mfu=f"{mfu:.1%}", skipped=skipped)
-    STOP["in_loop"] = False
     bar.close()
-    torch.save(mixture.state_dict(), phase_dir / f"data-rank{d.rank}.pt")
+    return scores
+
+
+def finish_phase(run: Run, phase: Phase, t: Training, tok, scores: dict) -> Path:
+    """Data hand-over, samples, the exported model and DONE.json; checkpoints go."""
+    cfg, env, phase_dir = run.cfg, run.env, run.out / f"phase{phase.name}"
+    torch.save(t.mixture.state_dict(), phase_dir / f"data-rank{env.rank}.pt")
     barrier()
-    if d.is_master:
+    if env.is_master:
         prompts = [p for p in cfg.sample_prompts.split("|") if p]
-        texts = samples(raw, tok, prompts, cfg.sample_tokens, cfg.seed, d.device, ctx)
-        metrics.log(kind="samples", phase=phase, step=steps, text=texts)
-        print(f"phase {phase} samples:\n" + "\n".join(f"  {t!r}" for t in texts), flush=True)
-        export_folder(raw, tok_dir_of(cfg), export)
-        write_json_atomic(phase_dir / "DONE.json", {
-            "steps": steps, "tokens": steps * cfg.batch_tokens, **scores,
-            "mix": mixture.realised(), "epochs": {n: s.epoch for n, s in mixture.streams.items()},
-            "bad_bytes": {n: s.bad_bytes for n, s in mixture.streams.items()}})
+        texts = samples(t.raw_model, tok, prompts, cfg.sample_tokens, cfg.seed, env.device,
+                        run.ctx)
+        run.metrics.log(kind="samples", phase=phase.name, step=phase.steps, text=texts)
+        print(f"phase {phase.name} samples:\n" + "\n".join(f"  {s!r}" for s in texts), flush=True)
+        export_folder(t.raw_model, run.out / "tokenizer", phase_dir / "model")
+        streams = t.mixture.streams
+        write_json(phase_dir / "DONE.json", {
+            "steps": phase.steps, "tokens": phase.steps * cfg.batch_tokens, **scores,
+            "mix": t.mixture.realised(), "epochs": {n: s.epoch for n, s in streams.items()},
+            "bad_bytes": {n: s.bad_bytes for n, s in streams.items()}})
         for old in phase_dir.glob("ckpt-*"):  # the export holds everything now
             shutil.rmtree(old)
     barrier()
-    return export
+    return phase_dir / "model"
+
+
+def run_phase(run: Run, phase: Phase, start_dir: Path, tok, n_old_rows: int) -> Path:
+    """Train one phase from start_dir (or its newest checkpoint); return its exported folder."""
+    export = run.out / f"phase{phase.name}" / "model"
+    if (export.parent / "DONE.json").is_file():
+        print0(run.env, f"phase {phase.name}: done already ({export})")
+        return export
+    run.check_stop(f"phase {phase.name}")
+    t = setup_phase(run, phase, start_dir, tok, n_old_rows)
+    scores = train(run, phase, t, tok)
+    return finish_phase(run, phase, t, tok, scores)
 
 # ----------------------------------------------------------------------------------------------
-# Stages: tokenizer -> expanded model -> Phase 1A -> Phase 1B -> final
+# The whole run
 
 
-def tok_dir_of(cfg: Config) -> Path:
-    return Path(cfg.out_dir) / "tokenizer"
-
-
-def korean_sample(cfg: Config):
-    """The Korean text the BPE trains on: the first tokenizer_bytes of it (0: all)."""
-    path, total = cfg.tokenizer_data or cfg.data_ko, 0
-    for text in data.iter_texts([path], cfg.text_field, progress=True):
-        yield text
-        total += len(text.encode("utf-8"))
-        if cfg.tokenizer_bytes and total >= cfg.tokenizer_bytes:
-            return
-    if total == 0:
-        raise ValueError(f"tokenizer data {path!r} has no text; point data_ko (or "
-                         "tokenizer_data) at Korean text")
-
-
-def stage_tokenizer(cfg: Config, base_dir: Path, evals: dict) -> dict:
-    import tokenizer
-    tok_dir = tok_dir_of(cfg)
-    if not (tok_dir / "DONE.json").is_file():
-        report = tokenizer.build(base_dir, tok_dir, korean_sample(cfg), cfg.new_tokens, evals,
-                                 cfg.script)
-        tokenizer.print_report(report)
-        write_json_atomic(tok_dir / "DONE.json", report)
-    return json.loads((tok_dir / "DONE.json").read_text())
-
-
-def stage_init(cfg: Config, base_dir: Path, evals: dict, metrics: Metrics, d: Dist) -> dict:
-    """Base model bits per byte (the reference line), then the expanded, EEVE-initialised model."""
-    from tokenizers import Tokenizer
-
-    import tokenizer
-    init_dir, tok_dir = Path(cfg.out_dir) / "init", tok_dir_of(cfg)
-    if (init_dir / "DONE.json").is_file():
-        return json.loads((init_dir / "DONE.json").read_text())
-    base = Llama.from_pretrained(base_dir).to(d.device)
-    base_tok = Tokenizer.from_file(str(base_dir / "tokenizer.json"))
-    emap = json.loads((tok_dir / "eeve_map.json").read_text())
-    if base_tok.get_vocab_size() > base.cfg.vocab_size:
-        raise ValueError(f"{base_dir}: tokenizer.json has {base_tok.get_vocab_size()} tokens but "
-                         f"the model only {base.cfg.vocab_size} rows; they do not belong together")
-    if (emap["base_vocab_size"] != base.cfg.vocab_size or emap["base_fingerprint"] !=
-            tokenizer.fingerprint(json.loads(base_tok.to_str()))):
-        raise ValueError(f"the merged tokenizer in {tok_dir} was built on another base than "
-                         f"{base_dir}; delete {tok_dir} (or use a new out_dir) to rebuild it")
-    ctx, _ = amp_context(cfg, d)
-    metrics.truncate_after("base", 0)
-    scores = evaluate(base, base_tok, evals, cfg.seq_len, d.device, ctx)  # rank 0 alone
-    metrics.log(kind="eval", phase="base", step=0, **scores)
-    print("base model: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()), flush=True)
-    expand_vocab(base, emap["pieces"], cfg.init, cfg.seed)
-    export_folder(base, tok_dir, init_dir)
-    info = {"base_bpb": scores, "n_old_rows": emap["base_vocab_size"],
-            "vocab_size": base.cfg.vocab_size}
-    write_json_atomic(init_dir / "DONE.json", info)
-    return info
-
-
-def plan_memory(cfg: Config, d: Dist, model_cfg) -> int:
-    """Print the memory plan; pick micro_batch when it is 0; refuse a plan that cannot fit."""
-    import plan
-    on_gpu = d.device.type == "cuda"
-    gpu_gib = cfg.gpu_gib or (torch.cuda.get_device_properties(d.device).total_memory / 2**30
-                              if on_gpu else 15.0)
-    dtype = amp_context(cfg, d)[1] if on_gpu or cfg.dtype != "auto" else torch.float16
-    limit = cfg.batch_tokens // (cfg.seq_len * d.world_size)
-    best = plan.largest_micro_batch(model_cfg, cfg.seq_len, cfg.grad_checkpointing, gpu_gib,
-                                    dtype or torch.float32, limit)
-    micro_batch = cfg.micro_batch or max(best, 1)
-    need = plan.memory_plan(model_cfg, cfg.seq_len, micro_batch, cfg.grad_checkpointing,
-                            dtype or torch.float32)
-    where = str(d.device) if on_gpu else f"a {gpu_gib:g} GiB GPU such as a T4"
-    print0(d, plan.format_plan(need, gpu_gib, micro_batch, best, where))
-    usable = gpu_gib - plan.CUDA_CONTEXT_GIB
-    if on_gpu and need["total"] > usable:
-        raise ValueError(f"micro_batch={micro_batch} needs about {need['total']:.1f} GiB per GPU, "
-                         f"more than the {usable:.1f} GiB usable here; use micro_batch={best} "
-                         "(0 picks it) or grad_checkpointing=true")
-    return micro_batch
-
-
-def check_base(cfg: Config, base_dir: Path):
-    """The base folder has a config and a tokenizer bori can extend; seq_len fits."""
-    if not (base_dir / "config.json").is_file() or not (base_dir / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"base model folder {base_dir} lacks config.json or "
-                                "tokenizer.json; pass a Hugging Face model folder or hub id")
-    tok = json.loads((base_dir / "tokenizer.json").read_text())
-    vocab = {**tok["model"].get("vocab", {}),
-             **{t["content"]: t["id"] for t in tok.get("added_tokens", [])}}
-    if (tok["model"].get("type") != "BPE" or "ByteLevel" not in json.dumps(tok["pre_tokenizer"])
-            or data.EOS_TOKEN not in vocab):
-        raise ValueError(f"the base tokenizer in {base_dir} is not a byte-level BPE with "
-                         f"{data.EOS_TOKEN} as its document separator (SmolLM2's kind), which "
-                         "the tokenizer merge and the packing need; use a SmolLM/SmolLM2 base")
-    max_pos = json.loads((base_dir / "config.json").read_text()).get(
-        "max_position_embeddings", cfg.seq_len)
-    if cfg.seq_len > max_pos:
-        raise ValueError(f"seq_len={cfg.seq_len} exceeds the base model's {max_pos} positions; "
-                         f"use seq_len<={max_pos}")
-
-
-def run(cfg: Config, d: Dist) -> int:
-    from tokenizers import Tokenizer
+def run_all(cfg: Config, env: DistEnv, stop: threading.Event) -> int:
+    """config check -> tokenizer -> init -> the phases -> final; a finished stage is skipped."""
     out = Path(cfg.out_dir)
-    resolved = {**dataclasses.asdict(cfg), "world_size": d.world_size,
-                "device_name": str(d.device), "amp_dtype": str(amp_context(cfg, d)[1])}
-    if d.is_master:
+    record = {**dataclasses.asdict(cfg), "world_size": env.world_size,
+              "device_name": str(env.device), "amp_dtype": str(autocast(cfg.dtype, env.device)[1])}
+    if env.is_master:
         out.mkdir(parents=True, exist_ok=True)
-        check_resume(cfg, out, d.world_size)
-        write_json_atomic(out / "config.json", resolved)
-        print("config:\n" + "\n".join(f"  {k} = {v}" for k, v in resolved.items()), flush=True)
+        check_resume(cfg, out, env.world_size, RESUME_FIXED, RENAMED)
+        write_json(out / "config.json", record)
+        print("config:\n" + "\n".join(f"  {k} = {v}" for k, v in record.items()), flush=True)
     barrier()
-    metrics = Metrics(out / "metrics.jsonl", d.is_master)
-    evals = {"ko": data.eval_docs(cfg.eval_ko, cfg.eval_bytes, cfg.text_field),
-             "en": data.eval_docs(cfg.eval_en, cfg.eval_bytes, cfg.text_field)}
-    if d.is_master:  # rank 0 builds the tokenizer and the expanded model; the others wait
+    run = Run(cfg, env, Metrics(out / "metrics.jsonl", env.is_master), eval_sets(cfg), stop)
+    if env.is_master:  # rank 0 builds the tokenizer and the expanded model; the others wait
         base_dir = resolve_base(cfg.base)
-        check_base(cfg, base_dir)
-        stage_tokenizer(cfg, base_dir, evals)
-        stage_init(cfg, base_dir, evals, metrics, d)
+        check_base(base_dir, cfg.seq_len)
+        stage_tokenizer(run, base_dir)
+        stage_init(run, base_dir)
     barrier()
-    info = json.loads((out / "init" / "DONE.json").read_text())
-    init_cfg = ModelConfig.from_hf_config(json.loads((out / "init" / "config.json").read_text()))
-    init_cfg = ModelConfig(**{**dataclasses.asdict(init_cfg), "pad_vocab_to": cfg.pad_vocab_to})
-    cfg = dataclasses.replace(cfg, micro_batch=plan_memory(cfg, d, init_cfg))
-    if d.is_master:
-        resolved.update(micro_batch_resolved=cfg.micro_batch, grad_accum=cfg.batch_tokens // (
-            cfg.micro_batch * cfg.seq_len * d.world_size))
-        write_json_atomic(out / "config.json", resolved)
-    tok = Tokenizer.from_file(str(tok_dir_of(cfg) / "tokenizer.json"))
-    model_1a = run_phase("1a", cfg, d, out / "init", tok, evals, metrics, info["n_old_rows"])
-    final = run_phase("1b", cfg, d, model_1a, tok, evals, metrics, info["n_old_rows"])
-    if d.is_master:
-        stage_final(final, out)
-        summary(cfg, out, info)
+    n_old_rows = json.loads((out / "init" / "DONE.json").read_text())["n_old_rows"]
+    model_cfg = config_from_hf(json.loads((out / "init" / "config.json").read_text()))
+    model_cfg = dataclasses.replace(model_cfg, pad_vocab_to=cfg.pad_vocab_to)
+    cfg = run.cfg = dataclasses.replace(
+        cfg, micro_batch=plan_for_run(cfg, env, model_cfg, run.amp_dtype))
+    if env.is_master:
+        record.update(micro_batch_resolved=cfg.micro_batch, grad_accum=cfg.batch_tokens // (
+            cfg.micro_batch * cfg.seq_len * env.world_size))
+        write_json(out / "config.json", record)
+    tok = Tokenizer.from_file(str(out / "tokenizer" / "tokenizer.json"))
+    model_dir = out / "init"
+    for phase in recipe(cfg):
+        model_dir = run_phase(run, phase, model_dir, tok, n_old_rows)
+    if env.is_master:
+        run.check_stop("the final export")
+        export_run(model_dir, out)
+        summary(out)
     barrier()
     return 0
 
 
-def stage_final(model_dir: Path, out: Path):
-    """out/final (Hugging Face folder with a model card), out/final.gguf, out/plots/."""
-    import export_gguf
-    import report
-    if not (out / "final" / "config.json").is_file():
-        shutil.rmtree(out / "final.tmp", ignore_errors=True)
-        shutil.copytree(model_dir, out / "final.tmp")
-        (out / "final.tmp").rename(out / "final")
-    report.write(out)
-    if not (out / "final.gguf").is_file():
-        export_gguf.export(out / "final", out / "final.gguf.tmp", "f16")
-        (out / "final.gguf.tmp").rename(out / "final.gguf")
-
-
-def summary(cfg: Config, out: Path, info: dict):
-    """The closing table: base vs final bits per byte, tokens per Korean character, files."""
-    ko = json.loads((tok_dir_of(cfg) / "DONE.json").read_text()).get("ko")
-    final = json.loads((out / "phase1b" / "DONE.json").read_text())
-    rows = [("Korean bits/byte", info["base_bpb"]["ko_bpb"], final["ko_bpb"]),
-            ("English bits/byte", info["base_bpb"]["en_bpb"], final["en_bpb"])]
-    if ko:
-        rows.append(("Korean tokens/char", 1 / ko["base"]["chars_per_token"],
-                     1 / ko["merged"]["chars_per_token"]))
-    print(f"\n{'':<20}{'base':>10}{'final':>10}")
-    for name, before, after in rows:
-        print(f"{name:<20}{before:>10.3f}{after:>10.3f}")
-    print(f"\nmodel:   {out / 'final'} (card: README.md), {out / 'final.gguf'}\n"
-          f"metrics: {out / 'metrics.jsonl'}, plots: {out / 'plots'}\n"
-          f"config:  {out / 'config.json'}\ntokenizer report: {tok_dir_of(cfg) / 'report.json'}")
-
-
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    debug = "--debug=true" in argv
-    STOP.update(signal=None, in_loop=False)
+    debug = False
     try:
-        cfg = load_config(argv)
-        validate(cfg, int(os.environ.get("WORLD_SIZE", 1)))
-        signal.signal(signal.SIGTERM, on_sigterm)
-        d = setup_distributed(cfg)
+        # --debug=true is read first, so that it shows the traceback of a config error too
+        debug = parse_flags(Config, argv, RENAMED).get("debug", "").lower() == "true"
+        cfg = load_config(Config, PRESETS, argv, RENAMED)
+        debug = cfg.debug
+        validate(cfg, recipe(cfg), int(os.environ.get("WORLD_SIZE", 1)))
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+        env = setup_distributed(cfg.device)
         torch.manual_seed(cfg.seed)
-        return run(cfg, d)
+        return run_all(cfg, env, stop)
     except TrainingStopped as e:
         print(f"interrupted: {e}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except torch.cuda.OutOfMemoryError:
+    except (torch.cuda.OutOfMemoryError, ValueError, OSError, TrainingDiverged) as e:
         if debug:
             raise
-        print("error: out of GPU memory; lower micro_batch (batch_tokens stays, gradient "
-              "accumulation grows) or set grad_checkpointing=true", file=sys.stderr)
-        return 3
-    except (ValueError, FileNotFoundError, OSError, TrainingDiverged) as e:
-        if debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        oom = isinstance(e, torch.cuda.OutOfMemoryError)
+        print("error: " + ("out of GPU memory; lower micro_batch (batch_tokens stays, gradient "
+                           "accumulation grows) or set grad_checkpointing=true" if oom else str(e)),
+              file=sys.stderr)
+        return 3 if oom else 2
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown()
 
 
 if __name__ == "__main__":

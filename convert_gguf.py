@@ -1,4 +1,4 @@
-"""Turn a GGUF file into a Hugging Face model folder, and find the base model a run starts from.
+"""Turn a GGUF file into a Hugging Face model folder (base_model.py calls it for .gguf bases).
 
     python convert_gguf.py [FILE.gguf] [--out DIR]
 
@@ -10,16 +10,20 @@ import argparse
 import importlib.util
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+from gguf import GGUFReader
+from gguf.quants import dequantize
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
+from atomic import atomic_dir
+from hf_io import config_from_hf, config_to_hf, load_hf_state, save_pretrained
 from model import Llama, ModelConfig
 
-OFFLINE_BASE = "smollm2-135m-instruct-gguf"  # the name resolve_base() gives the bundled GGUF
+OFFLINE_BASE = "smollm2-135m-instruct-gguf"  # base_model.resolve_base's name for it
 CACHE_DIR = Path(os.environ.get("BORI_CACHE", Path.home() / ".cache" / "bori"))
 
 # llama.cpp's tensor names -> Hugging Face's (blk.N.* -> model.layers.N.*)
@@ -63,8 +67,6 @@ def f32_round(x: float) -> float:
 
 def read_gguf(path: Path):
     """(HF config dict, HF-named f32 tensors, GGUF metadata) of a llama-architecture GGUF."""
-    from gguf import GGUFReader
-    from gguf.quants import dequantize
     reader = GGUFReader(str(path))
     meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
     if meta.get("general.architecture") != "llama":
@@ -85,21 +87,20 @@ def read_gguf(path: Path):
         key = GGUF_TO_HF[rest]
         tensors[key if block is None else f"model.layers.{block}.{key}"] = torch.from_numpy(w)
     vocab = len(meta["tokenizer.ggml.tokens"])
-    hf = ModelConfig(
+    hf = config_to_hf(ModelConfig(
         dim=meta[a + "embedding_length"], n_layers=meta[a + "block_count"], n_heads=n_head,
         n_kv_heads=n_kv, ffn_dim=meta[a + "feed_forward_length"], vocab_size=vocab,
         max_seq_len=meta[a + "context_length"],
         rope_theta=f32_round(meta.get(a + "rope.freq_base", 1e4)),
         norm_eps=f32_round(meta[a + "attention.layer_norm_rms_epsilon"]),
         tie_embeddings="lm_head.weight" not in tensors,
-    ).to_hf_config(bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-                   eos_token_id=meta.get("tokenizer.ggml.eos_token_id"))
+    ), bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        eos_token_id=meta.get("tokenizer.ggml.eos_token_id"))
     return hf, tensors, meta
 
 
 def gguf_tokenizer(meta: dict):
     """The byte-level BPE `tokenizers.Tokenizer` described by a gpt2-type GGUF vocabulary."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
     if meta.get("tokenizer.ggml.model") != "gpt2":
         raise ValueError(f"tokenizer type {meta.get('tokenizer.ggml.model')!r} is not supported; "
                          "bori converts gpt2-type (byte-level BPE) vocabularies")
@@ -134,49 +135,19 @@ def tokenizer_config(meta: dict) -> dict:
 
 
 def gguf_to_hf(gguf_path, out_dir) -> Path:
-    """Write a Hugging Face folder for gguf_path; written to a temporary name, then renamed."""
+    """Write a Hugging Face folder for gguf_path (atomically: whole or not at all)."""
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if not gguf_path.is_file():
         raise FileNotFoundError(f"GGUF file {gguf_path} does not exist")
     hf, tensors, meta = read_gguf(gguf_path)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model = Llama(ModelConfig.from_hf_config(hf))
-    model.load_hf_state(tensors, source=str(gguf_path))
-    model.save_pretrained(tmp, bos_token_id=hf["bos_token_id"], eos_token_id=hf["eos_token_id"])
-    gguf_tokenizer(meta).save(str(tmp / "tokenizer.json"))
-    (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(meta), indent=2))
-    gen = {"bos_token_id": hf["bos_token_id"], "eos_token_id": hf["eos_token_id"]}
-    (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    model = Llama(config_from_hf(hf))
+    load_hf_state(model, tensors, source=str(gguf_path))
+    with atomic_dir(out_dir) as tmp:
+        save_pretrained(model, tmp, bos_token_id=hf["bos_token_id"],
+                              eos_token_id=hf["eos_token_id"])
+        gguf_tokenizer(meta).save(str(tmp / "tokenizer.json"))
+        (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(meta), indent=2))
     return out_dir
-
-
-def resolve_base(spec: str, cache_dir=CACHE_DIR) -> Path:
-    """A local Hugging Face folder for spec: the offline GGUF name, a .gguf file, a folder,
-    or a hub id such as HuggingFaceTB/SmolLM2-135M (downloaded with huggingface_hub)."""
-    cache_dir = Path(cache_dir)
-    if spec == OFFLINE_BASE or spec.endswith(".gguf"):
-        src = bundled_gguf() if spec == OFFLINE_BASE else Path(spec)
-        out = cache_dir / (OFFLINE_BASE if spec == OFFLINE_BASE else src.stem)
-        if not (out / "model.safetensors").is_file():
-            gguf_to_hf(src, out)
-        return out
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        return path
-    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
-        from huggingface_hub import snapshot_download
-        try:
-            return Path(snapshot_download(spec, allow_patterns=[
-                "*.json", "*.safetensors", "tokenizer*", "*.txt"]))
-        except Exception as e:  # the hub client raises many types: offline, 404, auth
-            raise FileNotFoundError(
-                f"could not fetch {spec!r} from the Hugging Face hub ({type(e).__name__}); "
-                f"check the name and network, or use a local folder or base={OFFLINE_BASE}") from e
-    raise FileNotFoundError(f"base model {spec!r} is neither a folder, a .gguf file, a hub id, "
-                            f"nor {OFFLINE_BASE!r}")
 
 
 if __name__ == "__main__":

@@ -5,24 +5,23 @@ local files (.txt, .jsonl/.json, .parquet, optionally .gz; a file, folder or glo
 `datasets.IterableDataset`, split across ranks with `split_dataset_by_node` and resumed from its
 `state_dict()`. Documents are tokenized in batches, joined with EOS (SmolLM2 adds no BOS) and cut
 into seq_len + 1 token blocks; each block comes from one source, drawn by weight.
-
-    python data.py [TOKENIZER_DIR]   # benchmark: packed tokens/s on one core
+`python bench.py` measures how fast the packed stream is against what a GPU trains.
 """
-import glob
-import gzip
-import json
-import os
 import random
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from datasets import IterableDataset, load_dataset
+from datasets.distributed import split_dataset_by_node
+from tqdm import tqdm
+
+from readers import file_kind, local_files, read_local
 
 ROOT = Path(__file__).resolve().parent
 BUNDLED = {name: str(ROOT / "data" / f"{name}.jsonl")
            for name in ("ko_train", "ko_eval", "en_train", "en_eval")}
-LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 EOS_TOKEN = "<|endoftext|>"  # SmolLM2's document separator in pre-training; it adds no BOS
 
 
@@ -53,72 +52,8 @@ def parse_weights(spec: str) -> dict:
 # Reading documents
 
 
-def file_kind(file: str) -> str:
-    """.txt, .jsonl, .json or .parquet, through a .gz and other dots in the name."""
-    return Path(file.removesuffix(".gz")).suffix
-
-
-def local_files(spec: str) -> list:
-    """The data files a path, folder or glob names, sorted; an error if there are none."""
-    path = Path(spec).expanduser()
-    found = ([str(path)] if path.is_file() else
-             sorted(str(p) for p in path.rglob("*") if p.is_file()) if path.is_dir() else
-             sorted(glob.glob(str(path), recursive=True)))
-    files = [f for f in found if file_kind(f) in LOCAL_SUFFIXES]
-    if not files:
-        what = "has no .txt/.jsonl/.json/.parquet files" if found else "matches no files"
-        raise FileNotFoundError(f"data path {spec!r} {what}; pass a file, folder or glob of "
-                                "text, or hf:NAME[:CONFIG[:SPLIT]] for a hub dataset")
-    if any(f.endswith(".parquet.gz") for f in files):
-        raise ValueError(f"data path {spec!r} holds gzipped parquet, which cannot be streamed; "
-                         "gunzip it (parquet compresses its columns itself)")
-    if len({file_kind(f) for f in files}) > 1:
-        raise ValueError(f"data path {spec!r} mixes file types; give each type its own source")
-    return files
-
-
-def read_local(files: list, text_field: str):
-    """Documents of .txt (blank-line separated paragraphs) or JSON-lines files.
-
-    Invalid UTF-8 bytes are dropped and counted in each document's `bad_bytes`."""
-    for file in files:
-        opener = gzip.open if file.endswith(".gz") else open
-        is_json = file_kind(file) in (".json", ".jsonl")
-        with opener(file, "rb") as f:
-            para, para_bad = [], 0
-            for n, raw in enumerate(f, 1):
-                line = raw.decode("utf-8", errors="ignore")
-                bad = len(raw) - len(line.encode("utf-8"))
-                if is_json and line.strip():
-                    yield {text_field: json_text(line, text_field, file, n), "bad_bytes": bad}
-                elif not is_json and line.strip():
-                    para.append(line)
-                    para_bad += bad
-                elif para:
-                    yield {text_field: "".join(para).rstrip("\n"), "bad_bytes": para_bad}
-                    para, para_bad = [], 0
-            if para:
-                yield {text_field: "".join(para).rstrip("\n"), "bad_bytes": para_bad}
-
-
-def json_text(line: str, field: str, file: str, n: int) -> str:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file} line {n} is not valid JSON ({e.msg}); JSONL wants one object "
-                         "per line") from None
-    text = obj.get(field) if isinstance(obj, dict) else None
-    if not isinstance(text, str):
-        keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-        raise ValueError(f"{file} line {n} has no text field {field!r} (it has {keys}); set "
-                         "the source's text field to the key that holds the text")
-    return text
-
-
 def open_source(src: Source, rank: int = 0, world_size: int = 1):
     """A datasets.IterableDataset of documents for this rank's share of them."""
-    from datasets import IterableDataset, load_dataset
-    from datasets.distributed import split_dataset_by_node
     if src.path.startswith("hf:"):
         name, config, split = (src.path[3:].split(":") + ["", ""])[:3]
         ds = load_dataset(name, config or None, split=split or "train", streaming=True)
@@ -144,7 +79,6 @@ def text_of(example: dict, src: Source) -> str:
 
 def iter_texts(paths: list, text_field: str = "text", progress: bool = False):
     """Every document of the given sources, in order (for tokenizer training and eval sets)."""
-    from tqdm import tqdm
     for path in paths:
         src = Source(Path(path).stem, path, text_field)
         docs = (text_of(ex, src) for ex in open_source(src))
@@ -275,32 +209,3 @@ class Mixture:
         self.blocks, self.counts = state["blocks"], dict(state["counts"])
         for name, stream in self.streams.items():
             stream.load_state_dict(state["streams"][name])
-
-
-def benchmark(tokenizer_dir: str, seconds: float = 10.0) -> float:
-    """Packed tokens per second from the bundled Korean corpus on one core."""
-    import time
-
-    from tokenizers import Tokenizer
-    os.environ["RAYON_NUM_THREADS"] = "1"  # tokenizers' thread pool, read at first use
-    tok = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
-    mix = Mixture({"ko": Source("ko", BUNDLED["ko_train"])}, {"ko": 1.0}, tok,
-                  tok.token_to_id(EOS_TOKEN), seq_len=2048, batch_size=8)
-    mix.next_batch()  # warm-up
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        n += mix.next_batch()[0].numel()
-    return n / (time.perf_counter() - t0)
-
-
-if __name__ == "__main__":
-    import sys
-
-    from convert_gguf import OFFLINE_BASE, resolve_base
-    tokenizer_dir = sys.argv[1] if len(sys.argv) > 1 else str(resolve_base(OFFLINE_BASE))
-    rate = benchmark(tokenizer_dir)
-    # Each rank runs its own stream for its own GPU. Need: a T4 at 30% of its 65 TFLOP/s FP16
-    # peak, 6N FLOPs per token for N = 140M (SmolLM2-135M with the merged vocabulary).
-    need = 65e12 * 0.3 / (6 * 140e6)
-    print(f"packed stream: {rate:,.0f} tokens/s on one core; one T4 trains at most "
-          f"~{need:,.0f} tokens/s: {rate / need:.0f}x the need")

@@ -1,15 +1,18 @@
-"""Held-out bits per byte, comparable across tokenizers, and sample completions.
+"""Held-out measurements: bits per byte, tokenizer compression, and sample completions.
 
 bits/byte = summed next-token cross-entropy (nats) / ln 2 / UTF-8 bytes of the scored text:
 a tokenizer that needs fewer tokens gains nothing by it (Gao et al. 2020, The Pile, sec. 4.1).
 """
 import math
+from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer
 
-from checkpoint import all_sum
 from data import EOS_TOKEN
-from model import IGNORE_INDEX
+from distributed import all_sum
+from loss import IGNORE_INDEX
+from tokenizer import token_bytes
 
 
 @torch.no_grad()
@@ -57,3 +60,50 @@ def samples(model, tok, prompts: list, max_tokens: int, seed: int, device, ctx) 
         out.append(prompt + tok.decode(ids[0, idx.shape[1]:].tolist()))
     model.train(was_training)
     return out
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer compression
+
+
+def token_stats(tok: Tokenizer, texts: list) -> dict:
+    """Characters and bytes per token, and the share of tokens that are partial characters."""
+    encodings = tok.encode_batch(texts)
+    n_tokens = sum(len(e.ids) for e in encodings)
+    partial = sum(1 for e in encodings for t in e.tokens if not whole_utf8(t))
+    return {"chars_per_token": sum(map(len, texts)) / max(n_tokens, 1),
+            "bytes_per_token": sum(len(t.encode()) for t in texts) / max(n_tokens, 1),
+            "byte_fallback_share": partial / max(n_tokens, 1), "tokens": n_tokens}
+
+
+def whole_utf8(token: str) -> bool:
+    """Whether a byte-level token is whole characters (special tokens count as whole)."""
+    try:
+        token_bytes(token).decode("utf-8")
+        return True
+    except (UnicodeDecodeError, KeyError):  # KeyError: a special token, not byte-level
+        return token.startswith("<|")
+
+
+def tokenizer_report(base_dir, tok_dir, evals: dict) -> dict:
+    """Per language: token_stats of the base, the standalone and the merged tokenizer."""
+    toks = {"base": Path(base_dir) / "tokenizer.json",
+            "standalone": Path(tok_dir) / "standalone_bpe.json",
+            "merged": Path(tok_dir) / "tokenizer.json"}
+    toks = {name: Tokenizer.from_file(str(path)) for name, path in toks.items()}
+    return {lang: {name: token_stats(tok, texts) for name, tok in toks.items()}
+            for lang, texts in evals.items()}
+
+
+def print_tokenizer_report(report: dict):
+    print(f"{'text':<4} {'tokenizer':<10} {'chars/tok':>9} {'bytes/tok':>9} {'partial':>8}")
+    for lang, rows in report.items():
+        for name, r in rows.items():
+            print(f"{lang:<4} {name:<10} {r['chars_per_token']:9.3f} "
+                  f"{r['bytes_per_token']:9.3f} {r['byte_fallback_share']:8.1%}")
+    if "ko" in report:
+        ko = report["ko"]
+        gain = ko["merged"]["chars_per_token"] / ko["base"]["chars_per_token"]
+        share = ko["merged"]["chars_per_token"] / ko["standalone"]["chars_per_token"]
+        print(f"Korean: {gain:.2f}x fewer tokens than base; merged reaches {share:.1%} of the "
+              "standalone BPE's compression")
+

@@ -11,17 +11,22 @@ Everything else is the demo preset (bundled corpora, seq 256, fixed seeds). Writ
 PNG next to the JSON, and JSON with the keys the README's Results section quotes.
 """
 import argparse
+import dataclasses
 import json
 import shutil
+import threading
 import time
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer
 
 import bori
-import data
-from checkpoint import Metrics
-from model import Llama
+from base_model import resolve_base
+from distributed import DistEnv
+from hf_io import from_pretrained
+from prepare import eval_sets, stage_init, stage_tokenizer
+from report import Metrics
 
 INITS = ("eeve", "mean", "random")
 
@@ -31,44 +36,48 @@ def evals_of(out: Path, phase: str) -> list:
             if r["kind"] == "eval" and r["phase"] == phase]
 
 
-def run_init(cfg, root: Path, init: str, evals: dict, base_dir: Path) -> Path:
+def make_run(cfg, out: Path) -> bori.Run:
+    """A one-process bori.Run writing to out, with cfg's held-out texts."""
+    cfg = dataclasses.replace(cfg, out_dir=str(out))
+    out.mkdir(parents=True, exist_ok=True)
+    return bori.Run(cfg, DistEnv(), Metrics(out / "metrics.jsonl", True), eval_sets(cfg),
+                    threading.Event())
+
+
+def run_init(cfg, root: Path, init: str, base_dir: Path) -> Path:
     """Tokenizer (shared), expansion with `init`, then Phase 1A, in root/init."""
     out = root / init
-    cfg = bori.dataclasses.replace(cfg, out_dir=str(out), init=init)
     if not (out / "tokenizer").is_dir():
         shutil.copytree(root / "tokenizer", out / "tokenizer")
-    d = bori.Dist()
-    metrics = Metrics(out / "metrics.jsonl", True)
-    info = bori.stage_init(cfg, base_dir, evals, metrics, d)
-    tok = bori_tokenizer(out)
-    bori.run_phase("1a", cfg, d, out / "init", tok, evals, metrics, info["n_old_rows"])
+    run = make_run(dataclasses.replace(cfg, init=init), out)
+    stage_init(run, base_dir)
+    n_old = json.loads((out / "init" / "DONE.json").read_text())["n_old_rows"]
+    bori.run_phase(run, bori.recipe(run.cfg)[0], out / "init", bori_tokenizer(out), n_old)
     return out
 
 
-def run_1b(cfg, root: Path, name: str, mix: str, evals: dict) -> Path:
+def run_1b(cfg, root: Path, name: str, mix: str) -> Path:
     """Phase 1B from EEVE's Phase 1A (model and Korean data position), with the given mix."""
     out = root / name
     if not (out / "phase1a").is_dir():
         shutil.copytree(root / "eeve" / "tokenizer", out / "tokenizer")
         shutil.copytree(root / "eeve" / "phase1a", out / "phase1a")
         shutil.copy(root / "eeve" / "metrics.jsonl", out / "metrics.jsonl")
-    cfg = bori.dataclasses.replace(cfg, out_dir=str(out), mix_1b=mix)
-    metrics = Metrics(out / "metrics.jsonl", True)
+    run = make_run(dataclasses.replace(cfg, mix_1b=mix), out)
     n_old = json.loads((root / "eeve" / "init" / "DONE.json").read_text())["n_old_rows"]
-    bori.run_phase("1b", cfg, bori.Dist(), out / "phase1a" / "model", bori_tokenizer(out),
-                   evals, metrics, n_old)
+    bori.run_phase(run, bori.recipe(run.cfg)[1], out / "phase1a" / "model", bori_tokenizer(out),
+                   n_old)
     return out
 
 
 def bori_tokenizer(out: Path):
-    from tokenizers import Tokenizer
     return Tokenizer.from_file(str(out / "tokenizer" / "tokenizer.json"))
 
 
 @torch.no_grad()
 def generation_speed(folder: Path, tok, prompt: str, n: int = 48) -> dict:
     """Greedy generation of n tokens: tokens/s and characters/s of the new text."""
-    model = Llama.from_pretrained(folder).eval()
+    model = from_pretrained(folder).eval()
     idx = torch.tensor([tok.encode(prompt).ids])
     model.generate(idx, 4, temperature=0)  # warm-up
     t0 = time.perf_counter()
@@ -112,18 +121,16 @@ def main(argv=None):
     p.add_argument("--json", help="default: OUT/results.json")
     args = p.parse_args(argv)
     root = Path(args.out)
-    cfg = bori.load_config(["--preset=demo", f"--out_dir={root}", f"--steps_1a={args.steps_1a}",
-                            f"--decay_1a={args.steps_1a // 5}", f"--steps_1b={args.steps_1b}",
-                            f"--decay_1b={args.steps_1b // 5}", "--eval_every=10",
-                            "--ckpt_every=1000"])
+    cfg = bori.load_config(bori.Config, bori.PRESETS, [
+        "--preset=demo", f"--out_dir={root}", f"--steps_1a={args.steps_1a}",
+        f"--decay_1a={args.steps_1a // 5}", f"--steps_1b={args.steps_1b}",
+        f"--decay_1b={args.steps_1b // 5}", "--eval_every=10", "--ckpt_every=1000"])
     torch.manual_seed(cfg.seed)
-    base_dir = bori.resolve_base(cfg.base)
-    evals = {"ko": data.eval_docs(cfg.eval_ko, cfg.eval_bytes),
-             "en": data.eval_docs(cfg.eval_en, cfg.eval_bytes)}
-    bori.stage_tokenizer(bori.dataclasses.replace(cfg, out_dir=str(root)), base_dir, evals)
-    runs = {init: run_init(cfg, root, init, evals, base_dir) for init in INITS}
-    runs["replay"] = run_1b(cfg, root, "replay", "ko=0.9,en=0.1", evals)
-    runs["no_replay"] = run_1b(cfg, root, "no_replay", "ko=1.0", evals)
+    base_dir = resolve_base(cfg.base)
+    stage_tokenizer(make_run(cfg, root), base_dir)
+    runs = {init: run_init(cfg, root, init, base_dir) for init in INITS}
+    runs["replay"] = run_1b(cfg, root, "replay", "ko=0.9,en=0.1")
+    runs["no_replay"] = run_1b(cfg, root, "no_replay", "ko=1.0")
     base = evals_of(runs["eeve"], "base")[0]
     res = {"base_ko_bpb": base["ko_bpb"], "base_en_bpb": base["en_bpb"], "settings": {
         "steps_1a": args.steps_1a, "steps_1b": args.steps_1b, "seq_len": cfg.seq_len,
@@ -140,7 +147,6 @@ def main(argv=None):
                                 for n, v in res["after_1b_en_bpb"].items()}
     report = json.loads((root / "tokenizer" / "DONE.json").read_text())["ko"]
     res["ko_tokens_per_char"] = {t: 1 / report[t]["chars_per_token"] for t in ("base", "merged")}
-    from tokenizers import Tokenizer
     prompt = "대한민국의 헌법은"
     res["generation"] = {
         "base": generation_speed(base_dir, Tokenizer.from_file(str(base_dir / "tokenizer.json")),

@@ -8,13 +8,18 @@ merges and token types with the special ids. `python convert_gguf.py OUT.gguf` r
 """
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
+import gguf
 import numpy as np
 
+import report
+from atomic import atomic_dir, atomic_file
 from convert_gguf import GGUF_TO_HF, rope_permute
-from model import read_safetensors
+from hf_io import read_safetensors
+from tokenizer import full_vocab, merge_pairs
 
 HF_TO_GGUF = {hf: gg for gg, hf in GGUF_TO_HF.items()}
 
@@ -33,7 +38,7 @@ def tokenizer_fields(folder: Path) -> dict:
     if tok["model"]["type"] != "BPE":
         raise ValueError(f"{folder}/tokenizer.json is a {tok['model']['type']} model; "
                          "only byte-level BPE exports to GGUF here")
-    vocab = {**tok["model"]["vocab"], **{t["content"]: t["id"] for t in tok["added_tokens"]}}
+    vocab = full_vocab(tok)
     tokens = [None] * (max(vocab.values()) + 1)
     for text, i in vocab.items():
         tokens[i] = text
@@ -42,13 +47,12 @@ def tokenizer_fields(folder: Path) -> dict:
     types = [1] * len(tokens)  # 1 normal, 3 control, 4 user-defined (llama.cpp's TokenType)
     for t in tok["added_tokens"]:
         types[t["id"]] = 3 if t["special"] else 4
-    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
+    merges = [" ".join(pair) for pair in merge_pairs(tok)]
     return {"tokens": tokens, "types": types, "merges": merges}
 
 
 def export(folder, out, dtype: str = "f16") -> Path:
     """Write folder's weights and tokenizer to out (GGUF, llama architecture)."""
-    import gguf
     folder, out = Path(folder), Path(out)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} has no config.json: pass an exported model folder")
@@ -101,6 +105,18 @@ def export(folder, out, dtype: str = "f16") -> Path:
     w.write_tensors_to_file()
     w.close()
     return out
+
+
+def export_run(model_dir: Path, run: Path):
+    """A run's last stage: run/final (Hugging Face folder with a model card), run/final.gguf and
+    run/plots/, each written whole or not at all."""
+    if not (run / "final" / "config.json").is_file():
+        with atomic_dir(run / "final") as tmp:
+            shutil.copytree(model_dir, tmp, dirs_exist_ok=True)
+    report.write(run)
+    if not (run / "final.gguf").is_file():
+        with atomic_file(run / "final.gguf") as tmp:
+            export(run / "final", tmp, "f16")
 
 
 if __name__ == "__main__":

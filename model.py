@@ -1,23 +1,23 @@
-"""A Llama / SmolLM2 decoder from scratch, loading and saving the Hugging Face layout.
+"""A Llama / SmolLM2 decoder from scratch, with KV-cache generation and vocabulary expansion.
 
-    model = Llama.from_pretrained("path/to/hf_folder")   # config.json + model.safetensors
+    model = hf_io.from_pretrained("path/to/hf_folder")  # config.json + model.safetensors
     logits = model(idx)                                  # (B, T, vocab) float
     loss = model(idx, targets)                           # mean next-token cross-entropy
 
 Parameter names are Hugging Face's `LlamaForCausalLM` keys (minus the `model.` prefix), so
-SmolLM2 checkpoints load without renaming. Llama: Touvron et al. 2023, arXiv:2302.13971.
+SmolLM2 checkpoints load without renaming (hf_io.py). Llama: Touvron et al. 2023,
+arXiv:2302.13971.
 """
-import json
+import dataclasses
 import math
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100  # targets with this id add nothing to the loss (PyTorch's convention)
+from loss import IGNORE_INDEX, cross_entropy_sum
 
 
 @dataclass
@@ -41,34 +41,6 @@ class ModelConfig:
         self.head_dim = self.dim // self.n_heads
         self.padded_vocab_size = math.ceil(self.vocab_size / self.pad_vocab_to) * self.pad_vocab_to
 
-    @classmethod
-    def from_hf_config(cls, hf: dict) -> "ModelConfig":
-        """Read a Hugging Face Llama `config.json` dict (transformers 4.x or 5.x)."""
-        rope = hf.get("rope_parameters") or {}
-        if (hf.get("rope_scaling") or {}).get("rope_type", "default") != "default":
-            raise ValueError(f"rope_scaling={hf['rope_scaling']} is not supported; "
-                             "bori implements plain RoPE only")
-        return cls(dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
-                   n_heads=hf["num_attention_heads"],
-                   n_kv_heads=hf.get("num_key_value_heads", hf["num_attention_heads"]),
-                   ffn_dim=hf["intermediate_size"], vocab_size=hf["vocab_size"],
-                   max_seq_len=hf.get("max_position_embeddings", 2048),
-                   rope_theta=hf.get("rope_theta", rope.get("rope_theta", 10000.0)),
-                   norm_eps=hf.get("rms_norm_eps", 1e-6),
-                   tie_embeddings=hf.get("tie_word_embeddings", False))
-
-    def to_hf_config(self, **extra) -> dict:
-        """The `config.json` dict that transformers' LlamaForCausalLM reads."""
-        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
-                "hidden_size": self.dim, "num_hidden_layers": self.n_layers,
-                "num_attention_heads": self.n_heads, "num_key_value_heads": self.n_kv_heads,
-                "head_dim": self.head_dim, "intermediate_size": self.ffn_dim,
-                "vocab_size": self.vocab_size, "max_position_embeddings": self.max_seq_len,
-                "rope_theta": self.rope_theta,
-                "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
-                "rms_norm_eps": self.norm_eps, "tie_word_embeddings": self.tie_embeddings,
-                "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
-                "torch_dtype": "float32", **extra}
 
 
 # Looked up by exact name. The SmolLM2 shapes are those of HuggingFaceTB's config.json files.
@@ -84,8 +56,7 @@ def preset(name: str, **overrides) -> ModelConfig:
     """A copy of the preset `name` with fields overridden."""
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
-    base = {f.name: getattr(PRESETS[name], f.name) for f in fields(ModelConfig)}
-    return ModelConfig(**{**base, **overrides})
+    return dataclasses.replace(PRESETS[name], **overrides)
 
 # ----------------------------------------------------------------------------------------------
 # The blocks
@@ -195,69 +166,6 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 # ----------------------------------------------------------------------------------------------
-# The loss
-
-
-class LinearCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of logits = h @ W[:V].T, a chunk of rows at a time.
-
-    The full (N, V) logits never exist: each chunk's gradient of the sum, softmax - onehot, is
-    turned into dh and dW in the forward pass, and backward only scales them. The same idea as
-    Liger Kernel's fused linear cross-entropy (arXiv:2410.10989)."""
-
-    @staticmethod
-    def forward(ctx, h, weight, targets, vocab_size: int, rows: int, with_grad: bool):
-        loss = torch.zeros((), device=h.device)
-        dh = torch.empty_like(h, dtype=torch.float32) if with_grad else None
-        dw = torch.zeros_like(weight, dtype=torch.float32) if with_grad else None
-        w, fp16 = weight[:vocab_size], torch.is_autocast_enabled(h.device.type)
-        for s in range(0, h.shape[0], rows):
-            hc, tc = h[s:s + rows], targets[s:s + rows]
-            ignored = tc == IGNORE_INDEX
-            tc = tc.masked_fill(ignored, 0)
-            logp = torch.log_softmax((hc @ w.T).float(), dim=-1)  # (rows, V); fp16 matmul
-            nll = -logp.gather(1, tc[:, None]).squeeze(1)          # under autocast
-            loss += nll.masked_fill(ignored, 0.0).sum()
-            if not with_grad:
-                continue
-            g = logp.exp_()  # d(sum of nll)/d(logits) = softmax - onehot, in place
-            g[torch.arange(len(tc), device=g.device), tc] -= 1.0
-            g[ignored] = 0.0
-            if fp16:  # scale g by a power of two (exact) so that g @ W and g.T @ h stay
-                # below fp16's max, 65504, as GradScaler does for the rest of the model
-                bound = torch.maximum(g.abs().sum(0).max() * hc.abs().max(),
-                                      g.abs().sum(1).max() * w.abs().max())
-                scale = torch.exp2(torch.floor(torch.log2(2.0**15 / bound.clamp_min(1e-30))))
-                g *= scale
-                dh[s:s + rows] = (g @ w).float() / scale
-                dw[:vocab_size] += (g.T @ hc).float() / scale
-            else:
-                torch.mm(g, w, out=dh[s:s + rows])
-                dw[:vocab_size].addmm_(g.T, hc)
-        if with_grad:
-            ctx.save_for_backward(dh, dw)
-            ctx.dtypes = h.dtype, weight.dtype
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        dh, dw = ctx.saved_tensors
-        return (dh * grad_loss).to(ctx.dtypes[0]), (dw * grad_loss).to(ctx.dtypes[1]), \
-            None, None, None, None
-
-
-def loss_chunk_rows(vocab_size: int) -> int:
-    """Rows per chunk of the loss: 128 MiB of fp32 logits."""
-    return max(1, 2**25 // vocab_size)
-
-
-def cross_entropy_sum(h, weight, targets, vocab_size: int, chunk_rows: int = 0):
-    """Summed cross-entropy in nats of (N, C) hidden states against (N,) target ids."""
-    rows = chunk_rows or loss_chunk_rows(vocab_size)
-    with_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
-    return LinearCrossEntropy.apply(h, weight, targets, vocab_size, rows, with_grad)
-
-# ----------------------------------------------------------------------------------------------
 # The model
 
 
@@ -328,90 +236,6 @@ class Llama(nn.Module):
             logits = self(nxt[:, None], cache=cache, start=pos)[:, -1]
         return torch.cat(out, dim=1)
 
-    # ------------------------------------------------------------------------------------------
-    # Hugging Face layout: config.json + model.safetensors
-
-    @classmethod
-    def from_pretrained(cls, path, pad_vocab_to: int = 1) -> "Llama":
-        """Load a Hugging Face Llama folder strictly: every tensor present, every shape right."""
-        path = Path(path)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} has no config.json: expected a Hugging Face model "
-                                    "folder; make one with `python convert_gguf.py`")
-        hf = json.loads((path / "config.json").read_text())
-        cfg = ModelConfig.from_hf_config(hf)
-        cfg = ModelConfig(**{**asdict(cfg), "pad_vocab_to": pad_vocab_to})
-        model = cls(cfg)
-        model.load_hf_state(read_safetensors(path), source=str(path))
-        model.hf_extra = {k: hf[k] for k in ("bos_token_id", "eos_token_id") if k in hf}
-        return model
-
-    def hf_state_shapes(self) -> dict:
-        """Hugging Face tensor name -> (our parameter, the shape stored on disk)."""
-        out = {}
-        for name, p in self.named_parameters():  # a tied lm_head is listed once, as the embedding
-            shape = tuple(p.shape)
-            if name in ("embed_tokens.weight", "lm_head.weight"):
-                shape = (self.cfg.vocab_size, self.cfg.dim)  # padding rows are not stored
-            out[name if name.startswith("lm_head") else "model." + name] = (p, shape)
-        return out
-
-    def load_hf_state(self, state: dict, source: str = "state dict"):
-        """Copy Hugging Face-named tensors into the model, refusing any mismatch."""
-        expected = self.hf_state_shapes()
-        optional = {"lm_head.weight"} if self.cfg.tie_embeddings else set()
-        missing = [k for k in expected if k not in state]
-        unexpected = [k for k in state if k not in expected and k not in optional
-                      and not k.endswith("rotary_emb.inv_freq")]
-        if missing or unexpected:
-            what = (f"lacks tensor {missing[0]!r}" if missing
-                    else f"has unexpected tensor {unexpected[0]!r}")
-            more = len(missing) + len(unexpected) - 1
-            raise ValueError(f"{source} {what}{f' (and {more} more mismatches)' if more else ''}: "
-                             "it is incomplete or was made for another model shape")
-        with torch.no_grad():
-            for key, (param, shape) in expected.items():
-                tensor = state[key]
-                if tuple(tensor.shape) != shape:
-                    raise ValueError(f"{source}: tensor {key!r} has shape {tuple(tensor.shape)}, "
-                                     f"config.json implies {shape}; the weights and config differ")
-                param[:shape[0]].copy_(tensor)
-
-    def save_pretrained(self, path, **extra_config):
-        """Write config.json and model.safetensors (fp32, tied weights stored once)."""
-        from safetensors.torch import save_file
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        state = {k: p.detach()[:shape[0]].float().cpu().contiguous()
-                 for k, (p, shape) in self.hf_state_shapes().items()}
-        from safetensors import SafetensorError
-        try:
-            save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
-        except SafetensorError as e:  # safetensors reports I/O failures (disk full) as its own
-            raise OSError(str(e).removeprefix("Error while serializing: ")) from None
-        hf = self.cfg.to_hf_config(**{**getattr(self, "hf_extra", {}), **extra_config})
-        (path / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-
-
-def read_safetensors(path: Path) -> dict:
-    """All tensors of model.safetensors, or of the shards listed in its index file."""
-    from safetensors.torch import load_file
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (path / "model.safetensors").is_file():
-        shards = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"{path} has no model.safetensors (nor an index of shards); "
-                                "bori reads safetensors weights only")
-    state = {}
-    for shard in shards:
-        if not (path / shard).is_file():
-            raise FileNotFoundError(f"shard {path / shard} named in the index is missing")
-        state.update(load_file(str(path / shard)))
-    return state
-
-
 def sample(logits, temperature: float, top_k: int = 0, top_p: float = 1.0, generator=None):
     """One token id per row of logits (B, V): greedy, or top-k / nucleus sampling."""
     if temperature <= 0:
@@ -455,7 +279,7 @@ def expand_vocab(model: Llama, pieces: list, init: str = "eeve", seed: int = 0):
         rows = (torch.randn(n_new, cfg.dim, generator=gen) * old.float().std()).to(old.device)
     else:
         raise ValueError(f"unknown init {init!r}; choose eeve, mean or random")
-    model.cfg = new = ModelConfig(**{**asdict(cfg), "vocab_size": cfg.vocab_size + n_new})
+    model.cfg = new = dataclasses.replace(cfg, vocab_size=cfg.vocab_size + n_new)
     old_head = None if cfg.tie_embeddings else model.lm_head.weight.detach()[:cfg.vocab_size]
     for name, base in (("embed_tokens", old), ("lm_head", old_head)):
         if base is None:

@@ -12,9 +12,14 @@ import functools
 
 import torch
 
-from model import Block, ModelConfig, loss_chunk_rows, preset, rope_tables
+from distributed import print0
+from loss import loss_chunk_rows
+from model import PRESETS, Block, ModelConfig, preset, rope_tables
+from tokenizer import REFERENCE_NEW_TOKENS
 
 GIB = 2**30
+T4_GIB = 15.0  # what a 16 GB T4 reports as its total memory
+SEED_VOCAB = PRESETS["smollm2-135m"].vocab_size + REFERENCE_NEW_TOKENS  # 58,133
 CUDA_CONTEXT_GIB = 0.5  # driver and kernels, outside PyTorch's allocator (~0.3-0.5 GiB on a T4)
 FRAGMENTATION = 1.10  # allocator slack on top of what the tensors need
 
@@ -49,11 +54,11 @@ def _saved_bytes(dim: int, n_heads: int, n_kv_heads: int, ffn_dim: int, dtype) -
 
 
 def memory_plan(cfg: ModelConfig, seq_len: int, micro_batch: int, checkpointing: bool,
-                dtype=torch.float16, train_all: bool = True) -> dict:
-    """GiB per GPU for each part of a training step; 'total' includes allocator slack."""
+                dtype=torch.float16) -> dict:
+    """GiB per GPU for each part of a Phase 1B step (every parameter trains); 'total' includes
+    allocator slack."""
     n_params = (sum(p.numel() for p in Block(cfg, 0).parameters()) * cfg.n_layers
                 + cfg.padded_vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2) + cfg.dim)
-    n_train = n_params if train_all else cfg.padded_vocab_size * cfg.dim
     tokens = micro_batch * seq_len
     per_block = saved_bytes_per_token(cfg, dtype) * tokens
     if checkpointing:  # block inputs (fp32 residual stream), plus one block being recomputed
@@ -65,8 +70,8 @@ def memory_plan(cfg: ModelConfig, seq_len: int, micro_batch: int, checkpointing:
     parts = {
         "weights (fp32 master)": 4 * n_params,
         "weights (autocast copies)": half * (n_params - cfg.padded_vocab_size * cfg.dim),
-        "gradients (fp32)": 4 * n_train,
-        "AdamW moments (fp32)": 8 * n_train,
+        "gradients (fp32)": 4 * n_params,
+        "AdamW moments (fp32)": 8 * n_params,
         "activations": activations,
         "backward working set": per_block,  # gradients of one block's activations at a time
         # one chunk of logits in fp16 and fp32, its softmax, and dh, dW kept for backward
@@ -96,13 +101,36 @@ def format_plan(plan: dict, gpu_gib: float, micro_batch: int, best: int, where: 
     return "\n".join(lines)
 
 
+def plan_for_run(cfg, env, model_cfg: ModelConfig, dtype) -> int:
+    """Print the plan for a bori Config on this device; pick micro_batch when it is 0; refuse a
+    plan that cannot fit. dtype is the autocast dtype (None: fp32)."""
+    on_gpu = env.device.type == "cuda"
+    gpu_gib = cfg.gpu_gib or (torch.cuda.get_device_properties(env.device).total_memory / GIB
+                              if on_gpu else T4_GIB)
+    dtype = dtype if on_gpu or cfg.dtype != "auto" else torch.float16  # a CPU plans for a T4
+    dtype = dtype or torch.float32
+    limit = cfg.batch_tokens // (cfg.seq_len * env.world_size)
+    best = largest_micro_batch(model_cfg, cfg.seq_len, cfg.grad_checkpointing, gpu_gib, dtype,
+                               limit)
+    micro_batch = cfg.micro_batch or max(best, 1)
+    need = memory_plan(model_cfg, cfg.seq_len, micro_batch, cfg.grad_checkpointing, dtype)
+    where = str(env.device) if on_gpu else f"a {gpu_gib:g} GiB GPU such as a T4"
+    print0(env, format_plan(need, gpu_gib, micro_batch, best, where))
+    usable = gpu_gib - CUDA_CONTEXT_GIB
+    if on_gpu and need["total"] > usable:
+        raise ValueError(f"micro_batch={micro_batch} needs about {need['total']:.1f} GiB per GPU, "
+                         f"more than the {usable:.1f} GiB usable here; use micro_batch={best} "
+                         "(0 picks it) or grad_checkpointing=true")
+    return micro_batch
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--vocab", type=int, default=58133)
+    p.add_argument("--vocab", type=int, default=SEED_VOCAB)
     p.add_argument("--seq_len", type=int, default=2048)
     p.add_argument("--micro_batch", type=int, default=0, help="0: the largest that fits")
-    p.add_argument("--gpu_gib", type=float, default=15.0, help="a 16 GB T4 reports 15 GiB")
+    p.add_argument("--gpu_gib", type=float, default=T4_GIB, help="a 16 GB T4 reports 15 GiB")
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     p.add_argument("--no_checkpointing", action="store_true")
     a = p.parse_args()

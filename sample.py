@@ -9,9 +9,10 @@ import time
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer
 
 from data import EOS_TOKEN
-from model import Llama
+from hf_io import from_pretrained
 
 
 def find_tokenizer(folder: Path) -> Path:
@@ -33,11 +34,10 @@ def main(argv=None):
     p.add_argument("--top_p", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    from tokenizers import Tokenizer
     try:
         folder = Path(args.folder)
         tok = Tokenizer.from_file(str(find_tokenizer(folder)))
-        model = Llama.from_pretrained(folder)
+        model = from_pretrained(folder)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

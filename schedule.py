@@ -6,7 +6,7 @@ needs no scheduler state.
 """
 import math
 
-SHAPES = ("linear", "cosine", "1-sqrt")
+DECAY_SHAPES = ("linear", "cosine", "1-sqrt")
 
 
 def lr_at(step: int, peak_lr: float, total_steps: int, warmup_steps: int, decay_steps: int,
@@ -28,5 +28,5 @@ def lr_at(step: int, peak_lr: float, total_steps: int, warmup_steps: int, decay_
     elif shape == "1-sqrt":
         fall = math.sqrt(progress)
     else:
-        raise ValueError(f"unknown decay shape {shape!r}; choose one of {SHAPES}")
+        raise ValueError(f"unknown decay shape {shape!r}; choose one of {DECAY_SHAPES}")
     return peak_lr * (1 - (1 - min_lr_ratio) * fall)

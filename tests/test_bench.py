@@ -3,9 +3,11 @@ import json
 import subprocess
 import sys
 
-from conftest import ROOT
+import pytest
+from helpers import ROOT
 
 
+@pytest.mark.slow
 def test_bench_writes_ratios_memory_and_data_rate(tmp_path):
     out = tmp_path / "bench.json"
     subprocess.run([sys.executable, str(ROOT / "bench.py"), "--seq=32", "--rounds=1",
@@ -21,6 +23,7 @@ def test_bench_writes_ratios_memory_and_data_rate(tmp_path):
     assert result["data_tokens_per_s"] > 0
 
 
+@pytest.mark.slow
 def test_bench_recipe_mode_runs_the_fp16_step(tmp_path):
     out = tmp_path / "recipe.json"
     subprocess.run([sys.executable, str(ROOT / "bench.py"), "--recipe", "--steps=1",

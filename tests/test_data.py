@@ -122,7 +122,7 @@ def test_hub_sources_stream_through_load_dataset(monkeypatch, tmp_path):
     def fake_load_dataset(*args, **kwargs):
         calls.append((args, kwargs))
         return local
-    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.setattr(data, "load_dataset", fake_load_dataset)
     got = list(data.iter_texts(["hf:HuggingFaceFW/fineweb-2:kor_Hang"]))
     assert got == ["웹 문서"]
     assert calls == [(("HuggingFaceFW/fineweb-2", "kor_Hang"),

@@ -6,15 +6,17 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
-from conftest import ENGLISH, KOREAN, ROOT, logged, weights
+from helpers import ENGLISH, KOREAN, ROOT, logged, weights
 from tokenizers import Tokenizer
 
 import export_gguf
 from convert_gguf import gguf_to_hf, read_gguf
-from model import Llama
+from hf_io import from_pretrained
 
 
+@pytest.mark.slow
 def test_gguf_round_trip_f32_is_exact(tiny_run, tmp_path):
     folder = tiny_run / "final"
     path = export_gguf.export(folder, tmp_path / "m.gguf", "f32")
@@ -30,7 +32,7 @@ def test_gguf_round_trip_f32_is_exact(tiny_run, tmp_path):
     assert hf["vocab_size"] == len(meta["tokenizer.ggml.tokens"]) == 49452
     # and convert_gguf.py turns our export back into a folder with the same logits
     back = gguf_to_hf(path, tmp_path / "back")
-    a, b = Llama.from_pretrained(folder).eval(), Llama.from_pretrained(back).eval()
+    a, b = from_pretrained(folder).eval(), from_pretrained(back).eval()
     merged, again = (Tokenizer.from_file(str(f / "tokenizer.json")) for f in (folder, back))
     for text in ENGLISH + KOREAN:
         assert again.encode(text).ids == merged.encode(text).ids
@@ -39,6 +41,7 @@ def test_gguf_round_trip_f32_is_exact(tiny_run, tmp_path):
             assert torch.equal(a(idx), b(idx))
 
 
+@pytest.mark.slow
 def test_gguf_f16_export_rounds_only_matrices(tiny_run, tmp_path):
     path = export_gguf.export(tiny_run / "final", tmp_path / "m16.gguf", "f16")
     _, tensors, _ = read_gguf(path)
@@ -55,6 +58,7 @@ def test_llama_cpp_permutation_is_the_inverse():
     assert rope_permute(w, 2)[:, 0].tolist() == [0, 15, 5, 20, 10, 25, 30, 45, 35, 50, 40, 55]
 
 
+@pytest.mark.slow
 def test_model_card_numbers_match_metrics(tiny_run):
     card = (tiny_run / "final" / "README.md").read_text()
     recs = logged(tiny_run)
@@ -73,12 +77,14 @@ def test_model_card_numbers_match_metrics(tiny_run):
     assert f"{report['ko']['merged']['chars_per_token']:.3f} characters per token" in card
 
 
+@pytest.mark.slow
 def test_run_leaves_plots_and_gguf(tiny_run):
     png = tiny_run / "plots" / "training.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
     assert (tiny_run / "final.gguf").stat().st_size > 1_000_000
 
 
+@pytest.mark.slow
 def test_sample_script_generates_from_an_exported_folder(tiny_run):
     out = subprocess.run([sys.executable, str(ROOT / "sample.py"), str(tiny_run / "final"),
                           "--prompt", "한국어", "--max_tokens", "5", "--temperature", "0"],

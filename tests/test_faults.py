@@ -15,22 +15,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, logged, tiny_flags, weights
+from helpers import ROOT, free_port, logged, tiny_flags, weights
 
 import bori
 import checkpoint
 import model as model_module
+import report
 
 # The same thread count as the in-process reference run (conftest): reductions then match.
 ENV = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
 
 
-def command(out, base, world: int, port: int, **overrides) -> list:
+def command(out, base, world: int, **overrides) -> list:
     flags = tiny_flags(out, base, **overrides)
     if world == 1:
         return [sys.executable, str(ROOT / "bori.py"), *flags]
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
-            f"--master_port={port}", str(ROOT / "bori.py"), *flags]
+            f"--master_port={free_port()}", str(ROOT / "bori.py"), *flags]
 
 
 def n_train_records(out: Path) -> int:
@@ -93,39 +94,41 @@ def writing_checkpoint(out: Path) -> bool:
 @pytest.fixture(scope="module")
 def ddp_reference(tmp_path_factory, tiny_base):
     out = tmp_path_factory.mktemp("ddp_ref")
-    code, err, _ = run_until(command(out, tiny_base, 2, 29621), lambda: False)
+    code, err, _ = run_until(command(out, tiny_base, 2), lambda: False)
     assert code == 0, err[-2000:]
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [1, 2])
 def test_sigkill_anywhere_then_rerun_is_bit_identical(world, tmp_path, tiny_base, tiny_run,
                                                       request):
     reference = tiny_run if world == 1 else request.getfixturevalue("ddp_reference")
     out, rng = tmp_path / "run", random.Random(world)
     # 1) killed in the middle of writing a checkpoint
-    code, err, sent = run_until(command(out, tiny_base, world, 29631),
+    code, err, sent = run_until(command(out, tiny_base, world),
                                 lambda: writing_checkpoint(out))
     assert sent and code != 0, err[-2000:]
     assert list(out.glob("phase1?/ckpt-*.tmp"))  # killed with a checkpoint half-written
     # 2) killed at a random later step, counted in logged training steps
     target = n_train_records(out) + rng.randint(1, 4)
-    code, err, sent = run_until(command(out, tiny_base, world, 29641),
+    code, err, sent = run_until(command(out, tiny_base, world),
                                 lambda: n_train_records(out) >= target)
     assert sent, err[-2000:]
     # 3) the same command again, to the end
-    code, err, _ = run_until(command(out, tiny_base, world, 29651), lambda: False)
+    code, err, _ = run_until(command(out, tiny_base, world), lambda: False)
     assert code == 0, err[-2000:]
     for key, value in weights(reference / "final").items():
         assert torch.equal(value, weights(out / "final")[key]), key
     assert logged(out) == logged(reference)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [1, 2])
 def test_sigterm_checkpoints_the_current_step_and_says_interrupted(world, tmp_path, tiny_base,
                                                                    tiny_run):
     out = tmp_path / "run"
-    cmd = command(out, tiny_base, world, 29661, ckpt_every=100)  # only the SIGTERM one
+    cmd = command(out, tiny_base, world, ckpt_every=100)  # only the SIGTERM one
     code, err, sent = run_until(cmd, lambda: n_train_records(out) >= 3, signal.SIGTERM)
     assert sent and "interrupted: stopped at phase 1a step" in err, err[-2000:]
     assert code == (bori.EXIT_INTERRUPTED if world == 1 else 1)  # torchrun: 1 if any fails
@@ -142,9 +145,10 @@ def test_sigterm_checkpoints_the_current_step_and_says_interrupted(world, tmp_pa
             assert torch.equal(value, weights(out / "final")[key]), key
 
 
+@pytest.mark.slow
 def test_one_rank_dying_ends_the_other(tmp_path, tiny_base):
     out = tmp_path / "run"
-    proc = subprocess.Popen(command(out, tiny_base, 2, 29671, steps_1a=200, decay_1a=2),
+    proc = subprocess.Popen(command(out, tiny_base, 2, steps_1a=200, decay_1a=2),
                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     t0 = time.time()
@@ -176,10 +180,11 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(mnt)])
 
 
+@pytest.mark.slow
 def test_full_disk_while_saving_keeps_the_last_checkpoint(small_disk, tmp_path, tiny_base,
                                                           tiny_run):
     out = (small_disk or tmp_path) / "run"
-    cmd = command(out, tiny_base, 1, 0, stop_after_steps=2)
+    cmd = command(out, tiny_base, 1, stop_after_steps=2)
     code, err, _ = run_until(cmd, lambda: False)
     assert code == bori.EXIT_INTERRUPTED, err[-2000:]
     assert checkpoint.latest_checkpoint(out / "phase1a").name == "ckpt-000002"
@@ -220,6 +225,7 @@ def poison_loss(monkeypatch, calls: set, value=float("inf")):
     monkeypatch.setattr(model_module.Llama, "forward", forward)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_overflowing_steps_are_skipped_and_logged(dtype, monkeypatch, tmp_path, tiny_base):
     poison_loss(monkeypatch, {3, 4})  # step 2 (two micro-batches a step) overflows
@@ -232,6 +238,7 @@ def test_overflowing_steps_are_skipped_and_logged(dtype, monkeypatch, tmp_path, 
         assert train[1]["grad_norm"] != train[1]["grad_norm"] or train[1]["grad_norm"] > 1e30
 
 
+@pytest.mark.slow
 def test_a_loss_that_stays_nan_stops_the_run(monkeypatch, tmp_path, tiny_base, capsys):
     poison_loss(monkeypatch, {-1}, float("nan"))
     code = bori.main(tiny_flags(tmp_path, tiny_base, max_bad_steps=3, dtype="float16"))
@@ -269,47 +276,64 @@ def broken_base(tmp_path, tiny_base, what: str) -> Path:
     return folder
 
 
-BAD_INPUTS = {
-    "missing base": (dict(base="/no/such/base"), r"base model '/no/such/base' is neither"),
-    "unreachable hub base": (dict(base="nobody-here/no-such-model"),
+def flags(**overrides):
+    return lambda tmp_path, base: tiny_flags(tmp_path / "out", base, **overrides)
+
+
+def extra(*args):
+    return lambda tmp_path, base: [*tiny_flags(tmp_path / "out", base), *args]
+
+
+def corpus(content: str):
+    def build(tmp_path, base):
+        (tmp_path / "corpus.jsonl").write_text(content)
+        return tiny_flags(tmp_path / "out", base, data_ko=tmp_path / "corpus.jsonl")
+    return build
+
+
+def toml(content: str):
+    def build(tmp_path, base):
+        (tmp_path / "run.toml").write_text(content)
+        return [*tiny_flags(tmp_path / "out", base), f"--config={tmp_path / 'run.toml'}"]
+    return build
+
+
+def base_with(what: str):
+    return lambda tmp_path, base: tiny_flags(tmp_path / "out", broken_base(tmp_path, base, what))
+
+
+BAD_INPUTS = {  # name: (argv builder, the sentence expected)
+    "missing base": (flags(base="/no/such/base"), r"base model '/no/such/base' is neither"),
+    "unreachable hub base": (flags(base="nobody-here/no-such-model"),
                              r"could not fetch 'nobody-here/no-such-model' from the Hugging Face"),
-    "no config.json": ("no_config", r"lacks config.json or tokenizer.json"),
-    "missing tensor": ("missing_tensor", r"lacks tensor 'model.layers.0.self_attn.q_proj"),
-    "wrong shape": ("wrong_shape", r"tensor 'model.norm.weight' has shape \(7,\)"),
-    "tokenizer vs model": ("small_vocab", r"tokenizer.json has 49152 tokens but the model only"),
-    "other tokenizer": ("other_tokenizer", r"is not a byte-level BPE with <\|endoftext\|>"),
-    "missing corpus": (dict(data_ko="/no/such/*.jsonl"), r"matches no files"),
-    "empty corpus": ("empty", r"tokenizer data .* has no text"),
-    "no text field": ("nofield", r"line 1 has no text field 'text' \(it has \['body'\]\)"),
-    "unknown preset": (["--preset=huge"], r"unknown preset 'huge'; choose one of"),
-    "unknown key": (["--seq_lenn=5"], r"unknown option --seq_lenn; did you mean --seq_len\?"),
-    "wrong type": (["--micro_batch=two"], r"--micro_batch=two: expected int"),
-    "bad boolean": (["--compile=yes"], r"--compile=yes: expected true or false"),
-    "seq_len too long": (dict(seq_len=1024, batch_tokens=2048),
+    "no config.json": (base_with("no_config"), r"lacks config.json or tokenizer.json"),
+    "missing tensor": (base_with("missing_tensor"),
+                       r"lacks tensor 'model.layers.0.self_attn.q_proj"),
+    "wrong shape": (base_with("wrong_shape"), r"tensor 'model.norm.weight' has shape \(7,\)"),
+    "tokenizer vs model": (base_with("small_vocab"),
+                           r"tokenizer.json has 49152 tokens but the model only"),
+    "other tokenizer": (base_with("other_tokenizer"),
+                        r"is not a byte-level BPE with <\|endoftext\|>"),
+    "missing corpus": (flags(data_ko="/no/such/*.jsonl"), r"matches no files"),
+    "empty corpus": (corpus(""), r"tokenizer data .* has no text"),
+    "no text field": (corpus('{"body": "한국어"}\n'),
+                      r"line 1 has no text field 'text' \(it has \['body'\]\)"),
+    "unknown preset": (extra("--preset=huge"), r"unknown preset 'huge'; choose one of"),
+    "unknown key": (extra("--seq_lenn=5"), r"unknown option --seq_lenn; did you mean --seq_len\?"),
+    "wrong type": (extra("--micro_batch=two"), r"--micro_batch=two: expected int"),
+    "bad boolean": (extra("--compile=yes"), r"--compile=yes: expected true or false"),
+    "seq_len too long": (flags(seq_len=1024, batch_tokens=2048),
                          r"seq_len=1024 exceeds the base model's 512 positions"),
-    "bad batch": (dict(batch_tokens=100), r"batch_tokens=100 is not a multiple of 64"),
-    "zero weight": (dict(mix_1b="ko=0.9,en=0"), r"every source needs a weight > 0"),
-    "config file key": ("toml", r"unknown key 'lr' in"),
+    "bad batch": (flags(batch_tokens=100), r"batch_tokens=100 is not a multiple of 64"),
+    "zero weight": (flags(mix_1b="ko=0.9,en=0"), r"every source needs a weight > 0"),
+    "config file key": (toml("lr = 0.1\n"), r"unknown key 'lr' in"),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_is_one_clear_sentence(case, tmp_path, tiny_base, capsys):
-    spec, message = BAD_INPUTS[case]
-    if isinstance(spec, list):
-        argv = [*tiny_flags(tmp_path / "out", tiny_base), *spec]
-    elif isinstance(spec, dict):
-        argv = tiny_flags(tmp_path / "out", tiny_base, **spec)
-    elif spec in ("empty", "nofield"):
-        corpus = tmp_path / "corpus.jsonl"
-        corpus.write_text("" if spec == "empty" else '{"body": "한국어"}\n')
-        argv = tiny_flags(tmp_path / "out", tiny_base, data_ko=corpus)
-    elif spec == "toml":
-        (tmp_path / "run.toml").write_text("lr = 0.1\n")
-        argv = [*tiny_flags(tmp_path / "out", tiny_base), f"--config={tmp_path / 'run.toml'}"]
-    else:
-        argv = tiny_flags(tmp_path / "out", broken_base(tmp_path, tiny_base, spec))
-    code = bori.main(argv)
+    build, message = BAD_INPUTS[case]
+    code = bori.main(build(tmp_path, tiny_base))
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
@@ -329,6 +353,7 @@ def test_out_of_gpu_memory_names_the_fix(monkeypatch, tmp_path, tiny_base, capsy
     assert "lower micro_batch" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_resume_refuses_breaking_changes_but_allows_safe_ones(tmp_path, tiny_base, capsys):
     assert bori.main(tiny_flags(tmp_path, tiny_base, stop_after_steps=2)) == bori.EXIT_INTERRUPTED
     assert bori.main(tiny_flags(tmp_path, tiny_base, new_tokens=301, seq_len=64)) == 2
@@ -338,6 +363,7 @@ def test_resume_refuses_breaking_changes_but_allows_safe_ones(tmp_path, tiny_bas
     assert bori.main(tiny_flags(tmp_path, tiny_base, log_every=5, eval_every=2)) == 0
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_process_count_or_a_tokenizer_of_another_base(
         tmp_path, tiny_base, capsys):
     import shutil
@@ -364,7 +390,7 @@ def test_metrics_after_a_kill_mid_record_keep_every_whole_record_up_to_the_check
     rec.insert(2, {"kind": "eval", "phase": "1a", "step": 2, "ko_bpb": 1.5})
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rec) + '{"kind": "train", "pha')
-    checkpoint.Metrics(path, True).truncate_after("1a", 2)  # resuming from step 2
+    report.Metrics(path, True).truncate_after("1a", 2)  # resuming from step 2
     assert [json.loads(line) for line in path.read_text().splitlines()] == rec[:2]
     assert not (tmp_path / "metrics.jsonl.tmp").exists()
 

@@ -5,16 +5,18 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ENGLISH, KOREAN, PARAGRAPH
+from helpers import ENGLISH, KOREAN, PARAGRAPH
 
-from model import IGNORE_INDEX, Llama, cross_entropy_sum, preset
+from hf_io import config_to_hf, from_pretrained, hf_state_shapes, save_pretrained
+from loss import IGNORE_INDEX, cross_entropy_sum
+from model import Llama, preset
 
 
 def hf_twin(model: Llama):
     """A transformers LlamaForCausalLM holding exactly our model's weights."""
     from transformers import LlamaConfig, LlamaForCausalLM
-    hf = LlamaForCausalLM(LlamaConfig(**model.cfg.to_hf_config(), attn_implementation="sdpa"))
-    state = {k: p.detach()[:shape[0]] for k, (p, shape) in model.hf_state_shapes().items()}
+    hf = LlamaForCausalLM(LlamaConfig(**config_to_hf(model.cfg), attn_implementation="sdpa"))
+    state = {k: p.detach()[:shape[0]] for k, (p, shape) in hf_state_shapes(model).items()}
     if model.cfg.tie_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     hf.load_state_dict(state, strict=True)
@@ -40,7 +42,7 @@ def test_tiny_random_matches_transformers(tied):
     loss.backward()
     ref_loss.backward()
     ref_grads = dict(hf.named_parameters())
-    for key, (p, shape) in model.hf_state_shapes().items():
+    for key, (p, shape) in hf_state_shapes(model).items():
         g, rg = p.grad[:shape[0]], ref_grads[key].grad
         assert (g - rg).abs().max() <= 1e-5 * rg.abs().max(), key
 
@@ -90,37 +92,37 @@ def test_save_pretrained_loads_in_transformers(tmp_path):
     from transformers import AutoModelForCausalLM
     torch.manual_seed(1)
     model = Llama(preset("tiny")).eval()
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     idx = torch.randint(0, 512, (1, 30))
     with torch.no_grad():
         assert (model(idx) - hf(idx).logits).abs().max() <= 1e-5
-    again = Llama.from_pretrained(tmp_path)
+    again = from_pretrained(tmp_path)
     for (k, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), k
 
 
 def test_from_pretrained_refuses_broken_folders(tmp_path):
     from safetensors.torch import load_file, save_file
-    Llama(preset("tiny")).save_pretrained(tmp_path)
+    save_pretrained(Llama(preset("tiny")), tmp_path)
     state = load_file(tmp_path / "model.safetensors")
     with pytest.raises(FileNotFoundError, match="has no config.json"):
-        Llama.from_pretrained(tmp_path / "nowhere")
+        from_pretrained(tmp_path / "nowhere")
     broken = dict(state)
     del broken["model.layers.1.mlp.up_proj.weight"]
     save_file(broken, tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match="lacks tensor 'model.layers.1.mlp.up_proj.weight'"):
-        Llama.from_pretrained(tmp_path)
+        from_pretrained(tmp_path)
     broken = dict(state)
     broken["model.norm.weight"] = torch.ones(3)
     save_file(broken, tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match=r"'model.norm.weight' has shape \(3,\)"):
-        Llama.from_pretrained(tmp_path)
+        from_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "hidden_size": 96}))
     save_file(state, tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match="has shape"):
-        Llama.from_pretrained(tmp_path)
+        from_pretrained(tmp_path)
 
 
 def test_kv_cache_generation_equals_full_recompute(base_model, base_tok):

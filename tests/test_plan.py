@@ -2,8 +2,9 @@
 import subprocess
 import sys
 
+import pytest
 import torch
-from conftest import ROOT
+from helpers import ROOT
 
 import plan
 from model import Llama, preset
@@ -49,7 +50,7 @@ def test_seed_settings_fit_a_t4():
 PEAK_SCRIPT = """
 import sys, torch, torch.nn.functional as F
 sys.path.insert(0, {root!r})
-from model import cross_entropy_sum
+from loss import cross_entropy_sum
 torch.manual_seed(0)
 N, V, C = 2048, 58133, 576
 h = torch.randn(N, C, requires_grad=True)
@@ -65,6 +66,7 @@ print(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split(
 """
 
 
+@pytest.mark.slow
 def test_chunked_loss_lowers_peak_memory_with_equal_results(tmp_path):
     peaks, results = {}, {}
     for way in ("naive", "chunked"):

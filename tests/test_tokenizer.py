@@ -3,12 +3,16 @@ import json
 import unicodedata
 
 import pytest
-from conftest import ENGLISH, KOREAN, ROOT
+from helpers import ENGLISH, KOREAN, ROOT
 
 import data
 import tokenizer as T
 
 NEW = T.REFERENCE_NEW_TOKENS
+
+
+def hangul(raw: bytes) -> bool:
+    return T.holds_script(raw, "hangul")
 
 
 def non_korean_lines() -> list:
@@ -51,7 +55,7 @@ def test_vocabulary_merges_and_reachability(merged, base_tok, emap, merged_dir):
     vocab = merged_json["model"]["vocab"]
     for a, b in merged_json["model"]["merges"][len(base_json["model"]["merges"]):]:
         assert a in vocab and b in vocab and a + b in vocab
-        assert T.holds_hangul(T.token_bytes(a + b))
+        assert hangul(T.token_bytes(a + b))
     for i, token in enumerate(emap["new_tokens"]):  # tokenizers' own BPE reaches every new token
         assert [t.id for t in merged.model.tokenize(token)] == [base_size + i], token
     for i, name in enumerate(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]):
@@ -93,14 +97,14 @@ def test_held_out_korean_needs_three_times_fewer_tokens(merged, base_tok):
 
 
 def test_holds_hangul_cases():
-    assert T.holds_hangul("가".encode())
-    assert T.holds_hangul("가".encode()[:2])  # EA B0: only U+AC00.. starts so
-    assert T.holds_hangul(b"\xed")  # ED: U+D000-U+D7FF, all Hangul in valid UTF-8
-    assert not T.holds_hangul(b"\xea")  # EA alone may begin Yi or Vai
-    assert not T.holds_hangul("ꀀ".encode())  # Yi syllable, EA 80 80
-    assert not T.holds_hangul("가".encode()[1:])  # continuation bytes say nothing
-    assert T.holds_hangul("ㅋ".encode()) and not T.holds_hangul("日".encode())
-    assert T.holds_hangul("ᄀ".encode()[:2])  # E1 84: U+1100-U+113F, all jamo
+    assert hangul("가".encode())
+    assert hangul("가".encode()[:2])  # EA B0: only U+AC00.. starts so
+    assert hangul(b"\xed")  # ED: U+D000-U+D7FF, all Hangul in valid UTF-8
+    assert not hangul(b"\xea")  # EA alone may begin Yi or Vai
+    assert not hangul("ꀀ".encode())  # Yi syllable, EA 80 80
+    assert not hangul("가".encode()[1:])  # continuation bytes say nothing
+    assert hangul("ㅋ".encode()) and not hangul("日".encode())
+    assert hangul("ᄀ".encode()[:2])  # E1 84: U+1100-U+113F, all jamo
 
 
 def test_other_scripts_use_the_same_rule():

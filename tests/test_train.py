@@ -7,13 +7,15 @@ import sys
 
 import pytest
 import torch
-from conftest import ENGLISH, ROOT, logged, tiny_flags, weights
+from helpers import ENGLISH, ROOT, free_port, logged, tiny_flags, weights
 
 import bori
 import data
-from model import Llama, expand_vocab
+from hf_io import from_pretrained
+from model import expand_vocab
 
 
+@pytest.mark.slow
 def test_phase_1a_trains_only_embeddings_and_1b_everything(tiny_run):
     init, a, b = (weights(tiny_run / p) for p in ("init", "phase1a/model", "phase1b/model"))
     assert set(init) == set(a) == set(b)
@@ -23,6 +25,7 @@ def test_phase_1a_trains_only_embeddings_and_1b_everything(tiny_run):
         assert not torch.equal(a[key], b[key]), key
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compiled", [False, True])
 def test_phase_1a_new_rows_only_keeps_old_rows_bit_identical(tmp_path, tiny_base, compiled):
     from torch._dynamo.utils import counters
@@ -37,6 +40,7 @@ def test_phase_1a_new_rows_only_keeps_old_rows_bit_identical(tmp_path, tiny_base
     assert (after[49152:] != before[49152:]).any(dim=1).all()  # every new row moved
 
 
+@pytest.mark.slow
 def test_eeve_rows_are_the_mean_of_their_pieces(tiny_run, tiny_base):
     emap = json.loads((tiny_run / "tokenizer" / "eeve_map.json").read_text())
     base = weights(tiny_base)["model.embed_tokens.weight"]
@@ -73,13 +77,13 @@ DDP_SETTINGS = dict(mix_1b="ko=1.0", micro_batch=2, batch_tokens=128, ckpt_every
                     eval_every=100, steps_1a=3, steps_1b=3, lr_1a=1e-3, lr_1b=1e-3)
 
 
-def one_and_two_processes(tmp_path, tiny_base, port: int, env=None, **two_flags):
+def one_and_two_processes(tmp_path, tiny_base, env=None, **two_flags):
     """The same tiny run by torchrun with 2 gloo processes and by one process (2x accumulation)."""
     corpus = digits_corpus(tmp_path / "digits.jsonl")
     common = dict(data_ko=corpus, tokenizer_data=data.BUNDLED["ko_train"], **DDP_SETTINGS)
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          f"--master_port={port}", str(ROOT / "bori.py"),
+                          f"--master_port={free_port()}", str(ROOT / "bori.py"),
                           *tiny_flags(tmp_path / "two", tiny_base, **common, **two_flags)],
                          env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
@@ -89,18 +93,20 @@ def one_and_two_processes(tmp_path, tiny_base, port: int, env=None, **two_flags)
     return tmp_path / "two", tmp_path / "one"
 
 
+@pytest.mark.slow
 def test_two_process_ddp_equals_one_process_with_double_accumulation(tmp_path, tiny_base):
-    two, one = one_and_two_processes(tmp_path, tiny_base, 29517)
+    two, one = one_and_two_processes(tmp_path, tiny_base)
     a, b = weights(two / "final"), weights(one / "final")
     for key in a:
         assert (a[key] - b[key]).abs().max() <= 1e-5, key
     assert not torch.equal(a["model.norm.weight"], weights(tiny_base)["model.norm.weight"])
 
 
+@pytest.mark.slow
 def test_two_process_ddp_compiled_equals_one_eager_process(tmp_path, tiny_base):
     """torch.compile over DDP (the graph is split at DDP's gradient buckets) in both phases."""
     cache = tmp_path / "inductor"  # where the compiled kernels land: proof that it compiled
-    two, one = one_and_two_processes(tmp_path, tiny_base, 29519, {"TORCHINDUCTOR_CACHE_DIR":
+    two, one = one_and_two_processes(tmp_path, tiny_base, {"TORCHINDUCTOR_CACHE_DIR":
                                                                   str(cache)}, compile=True)
     assert any(cache.rglob("*.py")), "nothing was compiled"
     losses = [(a["loss"], b["loss"]) for a, b in zip(logged(two), logged(one))
@@ -113,6 +119,7 @@ def test_two_process_ddp_compiled_equals_one_eager_process(tmp_path, tiny_base):
         assert (a[key] - b[key]).abs().max() <= 1e-4, key
 
 
+@pytest.mark.slow
 def test_compiled_run_equals_the_eager_run(tmp_path, tiny_base, tiny_run):
     """--compile=true (both phases, checkpointing) trains the same model: the compiler
     reorders float sums, so equal to rounding, not bit for bit."""
@@ -136,6 +143,7 @@ def test_compiled_run_equals_the_eager_run(tmp_path, tiny_base, tiny_run):
         assert (a[key] - b[key]).abs().max() <= 0.1 * moved, key
 
 
+@pytest.mark.slow
 def test_stopping_and_rerunning_equals_an_uninterrupted_run(tmp_path, tiny_base, tiny_run):
     flags = tiny_flags(tmp_path, tiny_base, stop_after_steps=2)
     codes = []
@@ -148,6 +156,7 @@ def test_stopping_and_rerunning_equals_an_uninterrupted_run(tmp_path, tiny_base,
     assert logged(tmp_path) == logged(tiny_run)
 
 
+@pytest.mark.slow
 def test_demo_preset_end_to_end_and_loads_in_transformers(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     out = tmp_path / "demo"
@@ -160,7 +169,7 @@ def test_demo_preset_end_to_end_and_loads_in_transformers(tmp_path):
     assert hf.config.vocab_size == len(tok) == 58133
     ids = tok("대한민국의 수도는", return_tensors="pt")
     gen = hf.generate(**ids, max_new_tokens=8, do_sample=False)[0]
-    ours = Llama.from_pretrained(out / "final").generate(ids["input_ids"], 8, temperature=0)[0]
+    ours = from_pretrained(out / "final").generate(ids["input_ids"], 8, temperature=0)[0]
     n = len(gen)
     assert n > ids["input_ids"].shape[1]
     assert gen.tolist() == ours[:n].tolist()  # transformers' greedy tokens are ours

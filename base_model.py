@@ -1,0 +1,66 @@
+"""The base model a run starts from: found, converted if needed, and checked before any stage.
+
+A base is the offline SmolLM2-135M-Instruct GGUF (`smollm2-135m-instruct-gguf`), any `.gguf`
+file, a local Hugging Face folder, or a hub id such as HuggingFaceTB/SmolLM2-135M.
+"""
+import json
+from pathlib import Path
+
+from convert_gguf import CACHE_DIR, OFFLINE_BASE, bundled_gguf, gguf_to_hf
+from data import EOS_TOKEN
+from tokenizer import fingerprint, full_vocab
+
+
+def resolve_base(spec: str, cache_dir=CACHE_DIR) -> Path:
+    """A local Hugging Face folder for spec: the offline GGUF name, a .gguf file, a folder,
+    or a hub id (downloaded with huggingface_hub)."""
+    cache_dir = Path(cache_dir)
+    if spec == OFFLINE_BASE or spec.endswith(".gguf"):
+        src = bundled_gguf() if spec == OFFLINE_BASE else Path(spec)
+        out = cache_dir / (OFFLINE_BASE if spec == OFFLINE_BASE else src.stem)
+        if not (out / "model.safetensors").is_file():
+            gguf_to_hf(src, out)
+        return out
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path
+    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+        from huggingface_hub import snapshot_download  # comes with datasets
+        try:
+            return Path(snapshot_download(spec, allow_patterns=[
+                "*.json", "*.safetensors", "tokenizer*", "*.txt"]))
+        except Exception as e:  # the hub client raises many types: offline, 404, auth
+            raise FileNotFoundError(
+                f"could not fetch {spec!r} from the Hugging Face hub ({type(e).__name__}); "
+                f"check the name and network, or use a local folder or base={OFFLINE_BASE}") from e
+    raise FileNotFoundError(f"base model {spec!r} is neither a folder, a .gguf file, a hub id, "
+                            f"nor {OFFLINE_BASE!r}")
+
+
+def check_base(base_dir: Path, seq_len: int):
+    """The base folder has a config and a tokenizer bori can extend; seq_len fits."""
+    if not (base_dir / "config.json").is_file() or not (base_dir / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"base model folder {base_dir} lacks config.json or "
+                                "tokenizer.json; pass a Hugging Face model folder or hub id")
+    tok = json.loads((base_dir / "tokenizer.json").read_text())
+    if (tok["model"].get("type") != "BPE" or "ByteLevel" not in json.dumps(tok["pre_tokenizer"])
+            or EOS_TOKEN not in full_vocab(tok)):
+        raise ValueError(f"the base tokenizer in {base_dir} is not a byte-level BPE with "
+                         f"{EOS_TOKEN} as its document separator (SmolLM2's kind), which "
+                         "the tokenizer merge and the packing need; use a SmolLM/SmolLM2 base")
+    max_pos = json.loads((base_dir / "config.json").read_text()).get(
+        "max_position_embeddings", seq_len)
+    if seq_len > max_pos:
+        raise ValueError(f"seq_len={seq_len} exceeds the base model's {max_pos} positions; "
+                         f"use seq_len<={max_pos}")
+
+
+def check_merged_tokenizer(base_dir: Path, base_tok, n_rows: int, tok_dir: Path, emap: dict):
+    """The base's tokenizer fits its model, and the merged tokenizer was built on this base."""
+    if base_tok.get_vocab_size() > n_rows:
+        raise ValueError(f"{base_dir}: tokenizer.json has {base_tok.get_vocab_size()} tokens but "
+                         f"the model only {n_rows} rows; they do not belong together")
+    if (emap["base_vocab_size"] != n_rows or emap["base_fingerprint"] !=
+            fingerprint(json.loads(base_tok.to_str()))):
+        raise ValueError(f"the merged tokenizer in {tok_dir} was built on another base than "
+                         f"{base_dir}; delete {tok_dir} (or use a new out_dir) to rebuild it")

@@ -1,0 +1,128 @@
+"""Models in Hugging Face's layout: config.json and model.safetensors, loaded strictly.
+
+    model = from_pretrained("path/to/folder")   # a model.Llama; every tensor present and right
+    save_pretrained(model, "path/to/folder")     # fp32, tied embedding stored once
+
+Tensor names are `LlamaForCausalLM`'s, so SmolLM2 folders load as they are and ours load in
+transformers. Hugging Face's config names appear here and nowhere else.
+"""
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from model import Llama, ModelConfig
+
+
+def config_from_hf(hf: dict) -> ModelConfig:
+    """Read a Hugging Face Llama `config.json` dict (transformers 4.x or 5.x)."""
+    rope = hf.get("rope_parameters") or {}
+    if (hf.get("rope_scaling") or {}).get("rope_type", "default") != "default":
+        raise ValueError(f"rope_scaling={hf['rope_scaling']} is not supported; "
+                         "bori implements plain RoPE only")
+    return ModelConfig(dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+                       n_heads=hf["num_attention_heads"],
+                       n_kv_heads=hf.get("num_key_value_heads", hf["num_attention_heads"]),
+                       ffn_dim=hf["intermediate_size"], vocab_size=hf["vocab_size"],
+                       max_seq_len=hf.get("max_position_embeddings", 2048),
+                       rope_theta=hf.get("rope_theta", rope.get("rope_theta", 10000.0)),
+                       norm_eps=hf.get("rms_norm_eps", 1e-6),
+                       tie_embeddings=hf.get("tie_word_embeddings", False))
+
+
+def config_to_hf(cfg: ModelConfig, **extra) -> dict:
+    """The `config.json` dict that transformers' LlamaForCausalLM reads."""
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "hidden_size": cfg.dim, "num_hidden_layers": cfg.n_layers,
+            "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
+            "head_dim": cfg.head_dim, "intermediate_size": cfg.ffn_dim,
+            "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.max_seq_len,
+            "rope_theta": cfg.rope_theta,
+            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+            "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
+            "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+            "torch_dtype": "float32", **extra}
+
+
+def hf_state_shapes(model: Llama) -> dict:
+    """Hugging Face tensor name -> (our parameter, the shape stored on disk)."""
+    out = {}
+    for name, p in model.named_parameters():  # a tied lm_head is listed once, as the embedding
+        shape = tuple(p.shape)
+        if name in ("embed_tokens.weight", "lm_head.weight"):
+            shape = (model.cfg.vocab_size, model.cfg.dim)  # padding rows are not stored
+        out[name if name.startswith("lm_head") else "model." + name] = (p, shape)
+    return out
+
+
+def load_hf_state(model: Llama, state: dict, source: str = "state dict"):
+    """Copy Hugging Face-named tensors into the model, refusing any mismatch."""
+    expected = hf_state_shapes(model)
+    optional = {"lm_head.weight"} if model.cfg.tie_embeddings else set()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected and k not in optional
+                  and not k.endswith("rotary_emb.inv_freq")]
+    if missing or unexpected:
+        what = (f"lacks tensor {missing[0]!r}" if missing
+                else f"has unexpected tensor {unexpected[0]!r}")
+        more = len(missing) + len(unexpected) - 1
+        raise ValueError(f"{source} {what}{f' (and {more} more mismatches)' if more else ''}: "
+                         "it is incomplete or was made for another model shape")
+    with torch.no_grad():
+        for key, (param, shape) in expected.items():
+            tensor = state[key]
+            if tuple(tensor.shape) != shape:
+                raise ValueError(f"{source}: tensor {key!r} has shape {tuple(tensor.shape)}, "
+                                 f"config.json implies {shape}; the weights and config differ")
+            param[:shape[0]].copy_(tensor)
+
+
+def read_safetensors(path: Path) -> dict:
+    """All tensors of model.safetensors, or of the shards listed in its index file."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / "model.safetensors").is_file():
+        shards = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{path} has no model.safetensors (nor an index of shards); "
+                                "bori reads safetensors weights only")
+    state = {}
+    for shard in shards:
+        if not (path / shard).is_file():
+            raise FileNotFoundError(f"shard {path / shard} named in the index is missing")
+        state.update(load_file(str(path / shard)))
+    return state
+
+
+def from_pretrained(path, pad_vocab_to: int = 1) -> Llama:
+    """Load a Hugging Face Llama folder strictly: every tensor present, every shape right."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} has no config.json: expected a Hugging Face model "
+                                "folder; make one with `python convert_gguf.py`")
+    hf = json.loads((path / "config.json").read_text())
+    model = Llama(dataclasses.replace(config_from_hf(hf), pad_vocab_to=pad_vocab_to))
+    load_hf_state(model, read_safetensors(path), source=str(path))
+    model.hf_extra = {k: hf[k] for k in ("bos_token_id", "eos_token_id") if k in hf}
+    return model
+
+
+def save_pretrained(model: Llama, path, **extra_config):
+    """Write model.safetensors (fp32, tied weights stored once), config.json and
+    generation_config.json."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: p.detach()[:shape[0]].float().cpu().contiguous()
+             for k, (p, shape) in hf_state_shapes(model).items()}
+    try:
+        save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    except SafetensorError as e:  # safetensors reports I/O failures (disk full) as its own
+        raise OSError(str(e).removeprefix("Error while serializing: ")) from None
+    hf = config_to_hf(model.cfg, **{**getattr(model, "hf_extra", {}), **extra_config})
+    (path / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    generation = {k: hf[k] for k in ("bos_token_id", "eos_token_id") if k in hf}
+    (path / "generation_config.json").write_text(json.dumps(generation, indent=2))
