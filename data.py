@@ -111,6 +111,7 @@ class PackedStream:
         self.src, self.tokenizer, self.eos_id, self.batch_docs = src, tokenizer, eos_id, batch_docs
         self.ds = open_source(src, rank, world_size)
         self.iterator, self.epoch, self.buffer = None, 0, []
+        self.restored = None  # a loaded dataset position, until the stream reads again
         self.docs = self.bad_bytes = 0
 
     def take(self, n: int) -> list:
@@ -123,7 +124,7 @@ class PackedStream:
     def _refill(self):
         texts, restarted = [], False
         if self.iterator is None:
-            self.iterator = iter(self.ds)
+            self.iterator, self.restored = iter(self.ds), None
         while len(texts) < self.batch_docs:
             try:
                 example = next(self.iterator)
@@ -151,7 +152,10 @@ class PackedStream:
             self.buffer.append(self.eos_id)
 
     def state_dict(self) -> dict:
-        return {"dataset": self.ds.state_dict(), "epoch": self.epoch, "buffer": list(self.buffer),
+        # A restored datasets.IterableDataset reports its start, not the restored position,
+        # until it is iterated again: so until this stream reads, the restored one stands.
+        dataset = self.ds.state_dict() if self.restored is None else self.restored
+        return {"dataset": dataset, "epoch": self.epoch, "buffer": list(self.buffer),
                 "docs": self.docs, "bad_bytes": self.bad_bytes}
 
     def load_state_dict(self, state: dict):
@@ -159,7 +163,7 @@ class PackedStream:
         self.docs, self.bad_bytes = state["docs"], state["bad_bytes"]
         self.ds.set_epoch(self.epoch)
         self.ds.load_state_dict(state["dataset"])
-        self.iterator = None
+        self.iterator, self.restored = None, state["dataset"]
 
 
 class Mixture:

@@ -165,3 +165,35 @@ def test_bad_sources_have_clear_messages(tmp_path, base_tok, content, spec, mess
 def test_bad_weights_have_clear_messages(spec):
     with pytest.raises(ValueError, match="weight"):
         data.parse_weights(spec)
+
+
+def roundtrip(state: dict) -> dict:
+    """A state as the trainer keeps it: through torch.save and torch.load."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def test_resume_at_every_batch_twice_over_equals_the_stream_across_an_epoch_wrap(tmp_path,
+                                                                                 base_tok):
+    """On each of 2 ranks: restore before every batch, save again at once, restore again (a
+    double resume: a stream saved before it reads), across the corpus wrapping round."""
+    # more documents per rank than a refill reads (64), so that refills stop inside an epoch
+    sources = {"ko": Source("ko", str(write_jsonl(tmp_path / "ko.jsonl", docs(200)))),
+               "en": Source("en", str(write_jsonl(tmp_path / "en.jsonl", docs(70, "doc"))))}
+
+    def make(rank):
+        return Mixture(sources, {"ko": 0.7, "en": 0.3}, base_tok, EOS, seq_len=64,
+                       batch_size=4, seed=5, rank=rank, world_size=2)
+    for rank in (0, 1):
+        straight = make(rank)
+        expected = take_blocks(straight, 60)
+        assert straight.streams["ko"].epoch >= 1 and straight.streams["en"].epoch >= 1
+        mix, got = make(rank), []
+        for _ in range(60):
+            for _ in range(2):
+                state, mix = roundtrip(mix.state_dict()), make(rank)
+                mix.load_state_dict(state)
+            got += take_blocks(mix, 1)
+        assert got == expected, rank

@@ -9,83 +9,18 @@ import re
 import resource
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, free_port, logged, tiny_flags, weights
+from helpers import (ENV, ROOT, command, logged, n_train_records, process_tree, run_until, send,
+                     tiny_flags, weights)
 
 import bori
 import checkpoint
 import model as model_module
 import report
-
-# The same thread count as the in-process reference run (conftest): reductions then match.
-ENV = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
-
-
-def command(out, base, world: int, **overrides) -> list:
-    flags = tiny_flags(out, base, **overrides)
-    if world == 1:
-        return [sys.executable, str(ROOT / "bori.py"), *flags]
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
-            f"--master_port={free_port()}", str(ROOT / "bori.py"), *flags]
-
-
-def n_train_records(out: Path) -> int:
-    path = out / "metrics.jsonl"
-    return sum('"kind": "train"' in ln for ln in open(path)) if path.is_file() else 0
-
-
-def process_tree(pid: int) -> list:
-    """pid and all its descendants (torchrun starts each worker in a session of its own)."""
-    children = {}
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except (OSError, ValueError):
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-    tree, todo = [], [pid]
-    while todo:
-        tree.append(todo.pop())
-        todo += children.get(tree[-1], [])
-    return tree
-
-
-def send(pid: int, sig):
-    """SIGKILL: the whole machine dies, workers included. SIGTERM: to the process group, as a
-    notebook or scheduler sends it; torchrun forwards it to its workers."""
-    if sig == signal.SIGKILL:
-        for p in process_tree(pid):
-            try:
-                os.kill(p, sig)
-            except ProcessLookupError:
-                pass
-    else:
-        os.killpg(pid, sig)
-
-
-def run_until(cmd, until, sig=signal.SIGKILL, preexec_fn=None, timeout=300):
-    """Run cmd in its own session; when until() holds, send it sig (see send()).
-    Returns (exit code, stderr, whether the signal was sent)."""
-    proc = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            preexec_fn=preexec_fn)
-    sent, t0 = False, time.time()
-    while proc.poll() is None and time.time() - t0 < timeout:
-        if not sent and until():
-            send(proc.pid, sig)
-            sent = True
-        time.sleep(0.002)
-    if proc.poll() is None:
-        send(proc.pid, signal.SIGKILL)
-    _, err = proc.communicate()
-    return proc.returncode, err, sent
-
 
 def writing_checkpoint(out: Path) -> bool:
     return any(out.glob("phase1?/ckpt-*.tmp"))
