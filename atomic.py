@@ -1,13 +1,21 @@
-"""Atomic writes: a file or a folder appears whole under its name, or not at all.
+"""Files that appear whole or not at all, and that can prove later that they are still whole.
 
 Everything is written under `NAME.tmp`, flushed to disk (fsync), then renamed: a rename within
 one file system is atomic, so a run killed at any moment leaves the old version or the new one.
+A manifest (the sha256 of every file in a folder) catches what a rename cannot: a file cut
+short or changed afterwards, by a full disk, a bad copy or a flipped bit.
 """
+import errno
+import fcntl
+import hashlib
 import json
 import os
 import shutil
+import socket
 from contextlib import contextmanager
 from pathlib import Path
+
+MANIFEST = "manifest.json"
 
 
 def fsync_dir(path: Path, files: bool = False):
@@ -67,14 +75,92 @@ def commit_dir(tmp: Path, dest: Path):
 
 
 @contextmanager
-def atomic_dir(dest: Path):
+def atomic_dir(dest: Path, shared: bool = False):
     """Yield a temporary folder to fill; it becomes dest if the block ends without an error
-    and is removed if it raises."""
+    and is removed if it raises. shared: other processes may build the same dest at once (a
+    cache); each builds its own, and the first to finish wins."""
     dest = Path(dest)
-    tmp = fresh_dir(dest)
+    tmp = fresh_dir(dest.with_name(f"{dest.name}.{os.getpid()}") if shared else dest)
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    commit_dir(tmp, dest)
+    if not shared:
+        commit_dir(tmp, dest)
+        return
+    fsync_dir(tmp, files=True)
+    try:
+        tmp.rename(dest)
+    except OSError:  # another process finished first: theirs stands
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def lock_dir(folder: Path):
+    """Hold folder/.lock for the block: an advisory lock that the OS drops when this process
+    ends, however it ends. A second holder is refused with one sentence naming the first."""
+    f = open(Path(folder) / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise ValueError(f"{folder} is in use by another bori run ({holder}); wait for it to "
+                         "end or stop it, or use another out_dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    try:
+        yield
+    finally:
+        f.close()
+
+
+@contextmanager
+def disk_errors(what):
+    """Turn a failed write into one sentence naming what could not be written, and the fix."""
+    try:
+        yield
+    except OSError as e:
+        reason = e.strerror or str(e).splitlines()[0]  # numpy: "N requested and M written"
+        fix = ("choose a folder you may write to" if e.errno in (errno.EACCES, errno.EPERM,
+                                                                 errno.EROFS)
+               else "a file stands where a folder should (or the other way round): move it"
+               if e.errno in (errno.EEXIST, errno.ENOTDIR, errno.EISDIR)
+               else "check that the folder can exist there" if e.errno == errno.ENOENT
+               else "free disk space (or set out_dir elsewhere)")
+        raise OSError(f"could not write {what} ({reason}); {fix}, then run the same command "
+                      "again") from None
+
+# ----------------------------------------------------------------------------------------------
+# Manifests: what a folder held when it was finished
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def folder_digest(folder: Path) -> dict:
+    """{relative path: {"bytes", "sha256"}} of every file below folder but its manifest."""
+    return {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
+
+
+def damage(folder: Path, files: dict) -> str:
+    """'' when every listed file is there with its size and sha256; else what is wrong."""
+    for name, want in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != want["bytes"]:
+            return f"{name} has {path.stat().st_size:,} bytes, not {want['bytes']:,}"
+        if sha256_file(path) != want["sha256"]:
+            return f"{name} differs from what was written (checksum)"
+    return ""

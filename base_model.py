@@ -6,6 +6,8 @@ file, a local Hugging Face folder, or a hub id such as HuggingFaceTB/SmolLM2-135
 import json
 from pathlib import Path
 
+from atomic import sha256_file
+from checkpoint import read_json
 from convert_gguf import CACHE_DIR, OFFLINE_BASE, bundled_gguf, gguf_to_hf
 from data import EOS_TOKEN
 from tokenizer import fingerprint, full_vocab
@@ -17,9 +19,12 @@ def resolve_base(spec: str, cache_dir=CACHE_DIR) -> Path:
     cache_dir = Path(cache_dir)
     if spec == OFFLINE_BASE or spec.endswith(".gguf"):
         src = bundled_gguf() if spec == OFFLINE_BASE else Path(spec)
-        out = cache_dir / (OFFLINE_BASE if spec == OFFLINE_BASE else src.stem)
+        if not src.is_file():
+            raise FileNotFoundError(f"GGUF file {src} does not exist")
+        # keyed by content: another file of the same name, or this one changed, converts anew
+        out = cache_dir / f"{src.stem}-{sha256_file(src)[:16]}"
         if not (out / "model.safetensors").is_file():
-            gguf_to_hf(src, out)
+            gguf_to_hf(src, out, shared=True)
         return out
     path = Path(spec).expanduser()
     if path.is_dir():
@@ -42,13 +47,13 @@ def check_base(base_dir: Path, seq_len: int):
     if not (base_dir / "config.json").is_file() or not (base_dir / "tokenizer.json").is_file():
         raise FileNotFoundError(f"base model folder {base_dir} lacks config.json or "
                                 "tokenizer.json; pass a Hugging Face model folder or hub id")
-    tok = json.loads((base_dir / "tokenizer.json").read_text())
+    tok = read_json(base_dir / "tokenizer.json", "replace the base model's folder")
     if (tok["model"].get("type") != "BPE" or "ByteLevel" not in json.dumps(tok["pre_tokenizer"])
             or EOS_TOKEN not in full_vocab(tok)):
         raise ValueError(f"the base tokenizer in {base_dir} is not a byte-level BPE with "
                          f"{EOS_TOKEN} as its document separator (SmolLM2's kind), which "
                          "the tokenizer merge and the packing need; use a SmolLM/SmolLM2 base")
-    max_pos = json.loads((base_dir / "config.json").read_text()).get(
+    max_pos = read_json(base_dir / "config.json", "replace the base model's folder").get(
         "max_position_embeddings", seq_len)
     if seq_len > max_pos:
         raise ValueError(f"seq_len={seq_len} exceeds the base model's {max_pos} positions; "

@@ -10,42 +10,38 @@ marker; running the same command again skips finished stages and resumes from th
 checkpoint. Every knob of the recipe is in Config below; `--key=value` overrides any of them.
 """
 import dataclasses
-import json
+import math
 import os
 import shutil
-import signal
 import sys
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
 import data
 import tokenizer
-from atomic import write_json
-from base_model import check_base, resolve_base
-from checkpoint import export_folder, latest_checkpoint, load_checkpoint, save_checkpoint
-from config import check_resume, load_config, parse_flags, validate
+from checkpoint import (export_folder, latest_checkpoint, load_checkpoint, read_done, read_json,
+                        save_checkpoint, set_aside_damaged, take_over_streams, write_done)
+from config import check_sources, load_config, parse_flags, record_run, validate
 from convert_gguf import OFFLINE_BASE
-from distributed import (DistEnv, all_sum, autocast, barrier, print0, setup_distributed,
-                         shutdown)
+from distributed import (DistEnv, all_sum, autocast, barrier, on_master, print0,
+                         setup_distributed, shutdown, stop_on_signals)
+from errors import EXIT_INTERRUPTED  # noqa: F401 (callers read bori.EXIT_INTERRUPTED)
+from errors import CorpusError, PeerStopped, TrainingDiverged, TrainingStopped, exit_code
 from evaluate import evaluate, samples
 from export_gguf import export_run
-from hf_io import config_from_hf, from_pretrained
+from hf_io import from_pretrained
 from model import Llama, flops_per_token
 from plan import plan_for_run
-from prepare import eval_sets, stage_init, stage_tokenizer
-from report import Metrics, summary
+from prepare import eval_sets, prepare_model
+from report import Metrics, Progress, summary
 from schedule import lr_at
-
-EXIT_INTERRUPTED = 143  # 128 + SIGTERM, what schedulers and notebooks expect
-
 
 @dataclass
 class Config:
@@ -122,10 +118,6 @@ PRESETS = {  # the first is the default
                  log_every=5, eval_every=15, ckpt_every=10, sample_tokens=24),
 }
 RENAMED = {"script": "unicode_script"}  # old flag -> its field: old commands keep working
-# Changing these after a run has started would make its saved state meaningless.
-RESUME_FIXED = ("base", "data_ko", "data_en", "text_field", "new_tokens", "unicode_script",
-                "tokenizer_data", "tokenizer_bytes", "init", "pad_vocab_to", "seq_len",
-                "micro_batch", "batch_tokens", "mix_1a", "mix_1b", "new_rows_only", "seed")
 
 
 @dataclass(frozen=True)
@@ -149,14 +141,6 @@ def recipe(cfg: Config) -> list:
                   "all", cfg.seed + 1)]
 
 
-class TrainingStopped(Exception):
-    """A clean stop (signal, time or step limit), after a checkpoint where one was due."""
-
-
-class TrainingDiverged(Exception):
-    """Loss or gradients stayed non-finite for max_bad_steps steps."""
-
-
 @dataclass
 class Run:
     """What every stage of one run shares."""
@@ -164,7 +148,7 @@ class Run:
     env: DistEnv
     metrics: Metrics
     evals: dict  # held-out texts per language
-    stop: threading.Event  # set by SIGTERM; read at step boundaries and between stages
+    stop: threading.Event  # set by SIGTERM or Ctrl-C; read at step boundaries and between stages
 
     def __post_init__(self):
         self.out = Path(self.cfg.out_dir)
@@ -172,8 +156,9 @@ class Run:
 
     def check_stop(self, before: str):
         if self.stop.is_set():
-            raise TrainingStopped(f"stopped by SIGTERM before {before}; finished stages are "
+            raise TrainingStopped(f"stopped by a signal before {before}; finished stages are "
                                   "kept: run the same command to go on")
+
 
 # ----------------------------------------------------------------------------------------------
 # One training phase: set-up, the loop, the finish
@@ -181,13 +166,19 @@ class Run:
 
 @dataclass
 class Training:
-    """What a phase trains with; step counts the optimizer steps done."""
+    """What a phase trains with, and its counters."""
+    phase_dir: Path
     raw_model: Llama  # what is saved: the model before DDP and torch.compile wrap it
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     mixture: data.Mixture
-    step: int = 0
+    step: int = 0  # optimizer steps done (skipped ones included)
+    applied: int = 0  # steps whose update was applied (not skipped as non-finite)
+    bad_steps: int = 0  # the current streak of non-finite steps, carried across phases
+
+    def counters(self) -> dict:
+        return {"step": self.step, "applied": self.applied, "bad_steps": self.bad_steps}
 
 
 def set_trainable(raw_model: Llama, phase: Phase, n_old_rows: int):
@@ -213,10 +204,11 @@ def make_optimizer(raw_model: Llama, cfg: Config, phase: Phase):
 
 
 def setup_phase(run: Run, phase: Phase, start_dir: Path, tok, n_old_rows: int) -> Training:
-    """The model from start_dir (the last stage's export) or the phase's newest checkpoint,
-    and everything that resumes with it."""
+    """The model from start_dir (the last stage's export) or the phase's newest whole
+    checkpoint, and everything that resumes with it."""
     cfg, env, phase_dir = run.cfg, run.env, run.out / f"phase{phase.name}"
     phase_dir.mkdir(parents=True, exist_ok=True)
+    on_master(env, set_aside_damaged, phase_dir)
     ckpt = latest_checkpoint(phase_dir)
     raw_model = from_pretrained(ckpt or start_dir, pad_vocab_to=cfg.pad_vocab_to).to(env.device)
     raw_model.grad_checkpointing = cfg.grad_checkpointing
@@ -231,25 +223,47 @@ def setup_phase(run: Run, phase: Phase, start_dir: Path, tok, n_old_rows: int) -
     mixture = data.Mixture(sources, data.parse_weights(phase.mix), tok,
                            tok.token_to_id(data.EOS_TOKEN), cfg.seq_len, cfg.micro_batch,
                            phase.seed, env.rank, env.world_size)
-    t = Training(raw_model, model, optimizer, scaler, mixture)
-    handover = start_dir.parent / f"data-rank{env.rank}.pt"  # where the last phase stopped
+    t = Training(phase_dir, raw_model, model, optimizer, scaler, mixture)
     if ckpt:
-        t.step = load_checkpoint(ckpt, optimizer, scaler, mixture, env.rank, env.device)
+        vars(t).update(load_checkpoint(ckpt, optimizer, scaler, mixture, env.rank, env.device))
         print0(env, f"phase {phase.name}: resuming from {ckpt} at step {t.step}")
-    elif handover.is_file():  # a stream continues where the last phase stopped reading it
-        streams = torch.load(handover, weights_only=True)["streams"]
-        for name in streams.keys() & mixture.streams.keys():
-            mixture.streams[name].load_state_dict(streams[name])
+        if t.step > phase.steps:
+            raise ValueError(f"{ckpt} is at step {t.step}, past steps_{phase.name}="
+                             f"{phase.steps}; use steps_{phase.name}>={t.step}, or delete "
+                             f"{phase_dir} to train the phase again")
+    elif start_dir.name == "model":  # a phase's export: its streams go on where they stopped
+        t.bad_steps = take_over_streams(mixture, start_dir.parent, env.rank)
     run.metrics.truncate_after(phase.name, t.step)  # what a killed run logged after its ckpt
     return t
 
 
-def train_step(run: Run, t: Training, accum: int):
+def save(run: Run, t: Training, data_state: dict = None):
+    """A checkpoint of this step; data_state: the mixture's state at it (default: now)."""
+    save_checkpoint(t.phase_dir, t.raw_model, t.optimizer, t.scaler,
+                    t.counters(), data_state or t.mixture.state_dict(), run.cfg.keep_ckpts,
+                    run.env.rank, run.env.device)
+
+
+def next_batches(run: Run, t: Training, accum: int) -> list:
+    """This step's micro-batches. If a corpus breaks on any rank (a damaged file), every rank
+    first saves a checkpoint at this step, then the run stops with that rank's sentence."""
+    before = t.mixture.state_dict()
+    try:
+        batches, error = [t.mixture.next_batch() for _ in range(accum)], None
+    except CorpusError as e:
+        batches, error = None, e
+    if all_sum([float(error is not None)], run.env.device)[0] > 0:
+        save(run, t, before)
+        raise error or PeerStopped()
+    return batches
+
+
+def train_step(run: Run, t: Training, batches: list):
     """Gradient accumulation, unscale, clip, step. Returns (loss, grad norm, skipped)."""
-    env = run.env
+    env, accum = run.env, len(batches)
     loss_sum = torch.zeros((), device=env.device)
-    for micro in range(accum):
-        x, y = (v.to(env.device, non_blocking=True) for v in t.mixture.next_batch())
+    for micro, (x, y) in enumerate(batches):
+        x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
         sync = t.model.no_sync() if env.world_size > 1 and micro < accum - 1 else nullcontext()
         with sync:
             with run.ctx:
@@ -279,67 +293,68 @@ def stop_requested(run: Run, t: Training, start_step: int, t_start: float) -> bo
 
 def train(run: Run, phase: Phase, t: Training, tok) -> dict:
     """The loop: evaluate, save or stop, step, log; returns the last held-out scores."""
-    cfg, env, phase_dir = run.cfg, run.env, run.out / f"phase{phase.name}"
+    cfg, env = run.cfg, run.env
     accum = cfg.batch_tokens // (cfg.micro_batch * cfg.seq_len * env.world_size)
-    flops = flops_per_token(t.raw_model.cfg, sum(p.numel() for p in t.raw_model.parameters()),
-                            cfg.seq_len)
-    start_step, t_start, bad_steps = t.step, time.time(), 0
-    bar = tqdm(total=phase.steps, initial=t.step, desc=f"phase {phase.name}",
-               disable=not env.is_master)
-    while True:
-        # evaluate: held-out bits per byte every eval_every steps and after the last one
-        if t.step % cfg.eval_every == 0 or t.step == phase.steps:
-            scores = evaluate(t.raw_model, tok, run.evals, cfg.seq_len, env.device, run.ctx,
-                              env.rank, env.world_size)
-            run.metrics.log(kind="eval", phase=phase.name, step=t.step, **scores,
-                            mix=t.mixture.realised())
-            bar.write(f"phase {phase.name} step {t.step}: "
-                      + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
-        if t.step == phase.steps:
-            break
-        # save or stop; never save inside a streak of non-finite steps: keep the last good one
-        stop = stop_requested(run, t, start_step, t_start)
-        if (t.step > start_step and bad_steps == 0 and t.step % cfg.ckpt_every == 0) or (
-                stop and t.step > start_step):
-            save_checkpoint(phase_dir, t.step, t.raw_model, t.optimizer, t.scaler, t.mixture,
-                            cfg.keep_ckpts, env.rank, env.device)
-        if stop:
-            raise TrainingStopped(f"stopped at phase {phase.name} step {t.step}; the checkpoint "
-                                  f"is in {phase_dir}: run the same command to resume")
-        # step: the scheduled learning rate, accumulation, clipping, AdamW
-        lr = lr_at(t.step, phase.lr, phase.steps, phase.warmup, phase.decay, cfg.min_lr_ratio,
-                   cfg.decay_shape)
-        for group in t.optimizer.param_groups:
-            group["lr"] = lr
-        t_step = time.time()  # tokens/s of the step alone, not of evals and checkpoints
-        loss, grad_norm, skipped = train_step(run, t, accum)
-        bad_steps = bad_steps + 1 if skipped else 0
-        if bad_steps >= cfg.max_bad_steps:
-            raise TrainingDiverged(
-                f"phase {phase.name}: loss or gradients were non-finite for {bad_steps} steps "
-                f"in a row, up to step {t.step}; the last good checkpoint is "
-                f"{latest_checkpoint(phase_dir) or 'none'}; lower lr_{phase.name} (now "
-                f"{phase.lr}) or check the data, then run the same command")
-        t.step += 1
-        # log: the loss averaged over ranks, tokens/s and MFU of this step
-        loss = all_sum([loss], env.device)[0] / env.world_size
-        tok_s = cfg.batch_tokens / max(time.time() - t_step, 1e-9)
-        mfu = tok_s * flops / (cfg.peak_tflops * 1e12 * env.world_size)
-        run.metrics.log(kind="train", phase=phase.name, step=t.step, loss=loss, lr=lr,
-                        grad_norm=grad_norm, skipped=skipped, scale=t.scaler.get_scale(),
-                        tokens=t.step * cfg.batch_tokens, tok_per_s=tok_s, mfu=mfu)
-        bar.update(1)
-        if t.step % cfg.log_every == 0 or skipped:
-            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tok_s:,.0f}",
-                            mfu=f"{mfu:.1%}", skipped=skipped)
-    bar.close()
-    return scores
+    n_params = sum(p.numel() for p in t.raw_model.parameters())
+    flops = flops_per_token(t.raw_model.cfg, n_params, cfg.seq_len)
+    start_step, t_start = t.step, time.time()
+    with Progress(run.metrics, phase.name, phase.steps, t.step, cfg.log_every,
+                  env.is_master) as progress:
+        while True:
+            # evaluate: held-out bits per byte every eval_every steps and after the last one
+            if t.step % cfg.eval_every == 0 or t.step == phase.steps:
+                scores = evaluate(t.raw_model, tok, run.evals, cfg.seq_len, env.device,
+                                  run.ctx, env.rank, env.world_size)
+                progress.eval(t.step, scores, mix=t.mixture.realised())
+            if t.step == phase.steps:
+                return scores
+            # save or stop; never save inside a streak of non-finite steps (keep a good one)
+            stop = stop_requested(run, t, start_step, t_start)
+            if t.step > start_step and (stop or t.bad_steps == 0
+                                        and t.step % cfg.ckpt_every == 0):
+                save(run, t)
+            if stop:
+                raise TrainingStopped(f"stopped at phase {phase.name} step {t.step}; the "
+                                      f"checkpoint is in {t.phase_dir}: run the same command "
+                                      "to resume")
+            # step: the scheduled learning rate, accumulation, clipping, AdamW
+            lr = lr_at(t.step, phase.lr, phase.steps, phase.warmup, phase.decay,
+                       cfg.min_lr_ratio, cfg.decay_shape)
+            for group in t.optimizer.param_groups:
+                group["lr"] = lr
+            t_step = time.time()  # tokens/s of the step alone, not of evals and checkpoints
+            loss, grad_norm, skipped = train_step(run, t, next_batches(run, t, accum))
+            t.bad_steps, t.applied = t.bad_steps + 1 if skipped else 0, t.applied + (not skipped)
+            if t.bad_steps >= cfg.max_bad_steps:
+                raise TrainingDiverged(
+                    f"phase {phase.name}: loss or gradients were non-finite for {t.bad_steps} "
+                    f"steps in a row, up to step {t.step}; the last good checkpoint is "
+                    f"{latest_checkpoint(t.phase_dir) or 'none'}; lower lr_{phase.name} (now "
+                    f"{phase.lr}) or check the data, then run the same command")
+            t.step += 1
+            # log: the loss averaged over ranks, tokens/s and MFU of this step
+            tok_s = cfg.batch_tokens / max(time.time() - t_step, 1e-9)
+            progress.train(t.step, loss=all_sum([loss], env.device)[0] / env.world_size, lr=lr,
+                           grad_norm=grad_norm, skipped=skipped, scale=t.scaler.get_scale(),
+                           tokens=t.step * cfg.batch_tokens, tok_per_s=tok_s,
+                           mfu=tok_s * flops / (cfg.peak_tflops * 1e12 * env.world_size))
 
 
 def finish_phase(run: Run, phase: Phase, t: Training, tok, scores: dict) -> Path:
-    """Data hand-over, samples, the exported model and DONE.json; checkpoints go."""
-    cfg, env, phase_dir = run.cfg, run.env, run.out / f"phase{phase.name}"
-    torch.save(t.mixture.state_dict(), phase_dir / f"data-rank{env.rank}.pt")
+    """Data hand-over, samples, the exported model and DONE.json; checkpoints go. A phase that
+    applied no step, or ends with a non-finite weight or score, does not finish."""
+    cfg, env = run.cfg, run.env
+    finite = all(bool(torch.isfinite(p).all()) for p in t.raw_model.parameters())
+    problem = ("non-finite weights" if not finite else "no step applied" if not t.applied
+               else "a non-finite held-out score" if not all(map(math.isfinite, scores.values()))
+               else "")
+    if problem:
+        raise TrainingDiverged(
+            f"phase {phase.name} ended with {problem}, so it is not marked done; lower "
+            f"lr_{phase.name} (now {phase.lr}) or check the data, then run again: it resumes "
+            f"from {latest_checkpoint(t.phase_dir) or 'its start'} (delete {t.phase_dir} to "
+            "start the phase over)")
+    torch.save(t.mixture.state_dict(), t.phase_dir / f"data-rank{env.rank}.pt")
     barrier()
     if env.is_master:
         prompts = [p for p in cfg.sample_prompts.split("|") if p]
@@ -347,22 +362,24 @@ def finish_phase(run: Run, phase: Phase, t: Training, tok, scores: dict) -> Path
                         run.ctx)
         run.metrics.log(kind="samples", phase=phase.name, step=phase.steps, text=texts)
         print(f"phase {phase.name} samples:\n" + "\n".join(f"  {s!r}" for s in texts), flush=True)
-        export_folder(t.raw_model, run.out / "tokenizer", phase_dir / "model")
+        export_folder(t.raw_model, run.out / "tokenizer", t.phase_dir / "model")
         streams = t.mixture.streams
-        write_json(phase_dir / "DONE.json", {
+        write_done(t.phase_dir, {
             "steps": phase.steps, "tokens": phase.steps * cfg.batch_tokens, **scores,
             "mix": t.mixture.realised(), "epochs": {n: s.epoch for n, s in streams.items()},
-            "bad_bytes": {n: s.bad_bytes for n, s in streams.items()}})
-        for old in phase_dir.glob("ckpt-*"):  # the export holds everything now
+            "bad_bytes": {n: s.bad_bytes for n, s in streams.items()},
+            "bad_steps": t.bad_steps})
+        for old in t.phase_dir.glob("ckpt-??????"):  # the export holds all (.corrupt ones stay)
             shutil.rmtree(old)
     barrier()
-    return phase_dir / "model"
+    return t.phase_dir / "model"
 
 
 def run_phase(run: Run, phase: Phase, start_dir: Path, tok, n_old_rows: int) -> Path:
     """Train one phase from start_dir (or its newest checkpoint); return its exported folder."""
     export = run.out / f"phase{phase.name}" / "model"
     if (export.parent / "DONE.json").is_file():
+        on_master(run.env, read_done, export.parent)  # its files are still what it wrote
         print0(run.env, f"phase {phase.name}: done already ({export})")
         return export
     run.check_stop(f"phase {phase.name}")
@@ -377,67 +394,44 @@ def run_phase(run: Run, phase: Phase, start_dir: Path, tok, n_old_rows: int) -> 
 def run_all(cfg: Config, env: DistEnv, stop: threading.Event) -> int:
     """config check -> tokenizer -> init -> the phases -> final; a finished stage is skipped."""
     out = Path(cfg.out_dir)
-    record = {**dataclasses.asdict(cfg), "world_size": env.world_size,
-              "device_name": str(env.device), "amp_dtype": str(autocast(cfg.dtype, env.device)[1])}
-    if env.is_master:
-        out.mkdir(parents=True, exist_ok=True)
-        check_resume(cfg, out, env.world_size, RESUME_FIXED, RENAMED)
-        write_json(out / "config.json", record)
-        print("config:\n" + "\n".join(f"  {k} = {v}" for k, v in record.items()), flush=True)
-    barrier()
-    run = Run(cfg, env, Metrics(out / "metrics.jsonl", env.is_master), eval_sets(cfg), stop)
-    if env.is_master:  # rank 0 builds the tokenizer and the expanded model; the others wait
-        base_dir = resolve_base(cfg.base)
-        check_base(base_dir, cfg.seq_len)
-        stage_tokenizer(run, base_dir)
-        stage_init(run, base_dir)
-    barrier()
-    n_old_rows = json.loads((out / "init" / "DONE.json").read_text())["n_old_rows"]
-    model_cfg = config_from_hf(json.loads((out / "init" / "config.json").read_text()))
-    model_cfg = dataclasses.replace(model_cfg, pad_vocab_to=cfg.pad_vocab_to)
-    cfg = run.cfg = dataclasses.replace(
-        cfg, micro_batch=plan_for_run(cfg, env, model_cfg, run.amp_dtype))
-    if env.is_master:
-        record.update(micro_batch_resolved=cfg.micro_batch, grad_accum=cfg.batch_tokens // (
-            cfg.micro_batch * cfg.seq_len * env.world_size))
-        write_json(out / "config.json", record)
-    tok = Tokenizer.from_file(str(out / "tokenizer" / "tokenizer.json"))
-    model_dir = out / "init"
-    for phase in recipe(cfg):
-        model_dir = run_phase(run, phase, model_dir, tok, n_old_rows)
-    if env.is_master:
+    with ExitStack() as held:  # rank 0 holds out_dir's lock until the run ends
+        on_master(env, record_run, cfg, env, held, RENAMED)
+        if (out / "final.gguf").is_file():
+            print0(env, f"{out} holds a finished run with these settings:")
+            on_master(env, summary, out)
+            return 0
+        run = Run(cfg, env, Metrics(out / "metrics.jsonl", env.is_master), eval_sets(cfg), stop)
+        on_master(env, prepare_model, run)  # base model, tokenizer, expanded model
+        n_old_rows = read_json(out / "init" / "DONE.json", f"delete {out / 'init'}")["n_old_rows"]
+        cfg = run.cfg = dataclasses.replace(
+            cfg, micro_batch=plan_for_run(cfg, env, out / "init", run.amp_dtype))
+        tok = Tokenizer.from_file(str(out / "tokenizer" / "tokenizer.json"))
+        model_dir = out / "init"
+        for phase in recipe(cfg):
+            model_dir = run_phase(run, phase, model_dir, tok, n_old_rows)
         run.check_stop("the final export")
-        export_run(model_dir, out)
-        summary(out)
-    barrier()
+        on_master(env, export_run, model_dir, out)  # final/, final.gguf, card, plots, summary
     return 0
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    debug = False
+    debug, env = False, DistEnv()
     try:
         # --debug=true is read first, so that it shows the traceback of a config error too
         debug = parse_flags(Config, argv, RENAMED).get("debug", "").lower() == "true"
         cfg = load_config(Config, PRESETS, argv, RENAMED)
         debug = cfg.debug
         validate(cfg, recipe(cfg), int(os.environ.get("WORLD_SIZE", 1)))
-        stop = threading.Event()
-        signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+        check_sources(cfg)
+        stop = stop_on_signals()
         env = setup_distributed(cfg.device)
         torch.manual_seed(cfg.seed)
         return run_all(cfg, env, stop)
-    except TrainingStopped as e:
-        print(f"interrupted: {e}", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except (torch.cuda.OutOfMemoryError, ValueError, OSError, TrainingDiverged) as e:
-        if debug:
+    except (Exception, KeyboardInterrupt) as e:
+        if debug and not isinstance(e, (TrainingStopped, PeerStopped)):
             raise
-        oom = isinstance(e, torch.cuda.OutOfMemoryError)
-        print("error: " + ("out of GPU memory; lower micro_batch (batch_tokens stays, gradient "
-                           "accumulation grows) or set grad_checkpointing=true" if oom else str(e)),
-              file=sys.stderr)
-        return 3 if oom else 2
+        return exit_code(e, env.rank)
     finally:
         shutdown()
 

@@ -1,16 +1,22 @@
-"""Checkpoints that a run resumes from exactly, and the Hugging Face folders each stage exports.
+"""Checkpoints that a run resumes from exactly, the folders each stage exports, and reading them
+back with proof that they are whole.
 
-A checkpoint is written to ckpt-NNNNNN.tmp/, every file fsynced, then renamed (atomic.py): a run
-killed at any moment leaves either the complete new checkpoint or none, and the previous one
-intact. Weights go through safetensors; the rest loads with torch.load(weights_only=True).
+A checkpoint is written to ckpt-NNNNNN.tmp/, its manifest (sha256 of every file) last, then
+renamed (atomic.py). On resume the newest checkpoint whose files match its manifest is used; a
+damaged one is moved aside to ckpt-NNNNNN.corrupt. A finished stage's DONE.json carries the same
+digest of the stage's files. Weights go through safetensors; the rest loads with
+torch.load(weights_only=True).
 """
+import json
 import random
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 
-from atomic import atomic_dir, commit_dir, fresh_dir, tmp_path
+from atomic import (MANIFEST, atomic_dir, commit_dir, damage, disk_errors, folder_digest,
+                    fresh_dir, tmp_path, write_json)
 from distributed import barrier
 from hf_io import save_pretrained
 
@@ -29,22 +35,26 @@ def set_rng_state(state: dict, device):
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def save_checkpoint(phase_dir: Path, step: int, raw_model, optimizer, scaler, mixture,
-                    keep: int, rank: int, device):
-    """Model, optimizer, GradScaler and step from rank 0; data and RNG state from every rank."""
-    final = phase_dir / f"ckpt-{step:06d}"
+def save_checkpoint(phase_dir: Path, raw_model, optimizer, scaler, trainer: dict,
+                    data_state: dict, keep: int, rank: int, device):
+    """Model, optimizer, GradScaler and trainer counters (trainer["step"] among them) from rank
+    0; data_state (this rank's mixture at that step) and RNG state from every rank."""
+    final = phase_dir / f"ckpt-{trainer['step']:06d}"
     tmp = tmp_path(final)
-    if (final / "trainer.pt").is_file():  # this step is saved already
+    if (final / MANIFEST).is_file():  # this step is saved already
         return
     if rank == 0:
         fresh_dir(final)
     barrier()
     try:
-        torch.save({"data": mixture.state_dict(), "rng": rng_state(device)}, tmp / f"rank{rank}.pt")
+        torch.save({"data": data_state, "rng": rng_state(device)}, tmp / f"rank{rank}.pt")
         if rank == 0:
             save_pretrained(raw_model, tmp)
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save({"step": step, "scaler": scaler.state_dict()}, tmp / "trainer.pt")
+            torch.save({**trainer, "scaler": scaler.state_dict()}, tmp / "trainer.pt")
+        barrier()
+        if rank == 0:  # last, once every rank's file is there: the proof of a whole checkpoint
+            (tmp / MANIFEST).write_text(json.dumps(folder_digest(tmp)))
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
         last = latest_checkpoint(phase_dir)
@@ -61,30 +71,104 @@ def save_checkpoint(phase_dir: Path, step: int, raw_model, optimizer, scaler, mi
 
 
 def latest_checkpoint(phase_dir: Path):
-    """The newest complete checkpoint folder, or None; .tmp folders never count."""
+    """The newest finished checkpoint folder, or None; .tmp and .corrupt folders never count
+    (nor does a folder with no trainer.pt: bori before manifests wrote that one last)."""
     found = sorted(p for p in phase_dir.glob("ckpt-??????") if (p / "trainer.pt").is_file())
     return found[-1] if found else None
 
 
-def load_checkpoint(ckpt: Path, optimizer, scaler, mixture, rank: int, device) -> int:
-    """Restore everything but the weights (loaded with the model); returns the step."""
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-    trainer = torch.load(ckpt / "trainer.pt", weights_only=True)
-    scaler.load_state_dict(trainer["scaler"])
-    mine = torch.load(ckpt / f"rank{rank}.pt", weights_only=True)
+def checkpoint_damage(ckpt: Path) -> str:
+    """'' when a checkpoint's files match its manifest, else what is wrong."""
+    if not (ckpt / MANIFEST).is_file():
+        return ""  # written by bori before manifests: nothing to check it against
+    try:
+        files = json.loads((ckpt / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        return f"its {MANIFEST} is unreadable ({e})"
+    return damage(ckpt, files)
+
+
+def set_aside_damaged(phase_dir: Path):
+    """Check the checkpoints newest first; move each damaged one aside to ckpt-NNNNNN.corrupt
+    and say so, until a whole one (or none) is the newest."""
+    moved = []
+    while (ckpt := latest_checkpoint(phase_dir)) is not None:
+        problem = checkpoint_damage(ckpt)
+        if not problem:
+            return
+        aside = ckpt.with_name(ckpt.name + ".corrupt")
+        shutil.rmtree(aside, ignore_errors=True)
+        ckpt.rename(aside)
+        moved.append(aside.name)
+        print(f"warning: checkpoint {ckpt} is damaged ({problem}); moved it to {aside.name} "
+              "and resuming from the one before", file=sys.stderr, flush=True)
+    if moved:
+        raise ValueError(f"every checkpoint in {phase_dir} is damaged (moved to "
+                         f"{', '.join(moved)}); delete {phase_dir} to start the phase over")
+
+
+def load_checkpoint(ckpt: Path, optimizer, scaler, mixture, rank: int, device) -> dict:
+    """Restore everything but the weights (loaded with the model) onto this rank's device;
+    returns the trainer counters (step among them)."""
+    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device,
+                                         weights_only=True))
+    trainer = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=True)
+    scaler.load_state_dict(trainer.pop("scaler"))
+    trainer.setdefault("applied", trainer["step"])  # bori before counters saved only the step
+    mine = torch.load(ckpt / f"rank{rank}.pt", map_location="cpu", weights_only=True)
     mixture.load_state_dict(mine["data"])
     set_rng_state(mine["rng"], device)
-    return trainer["step"]
+    return trainer
+
+
+def take_over_streams(mixture, last_phase_dir: Path, rank: int) -> int:
+    """Start mixture's streams where the last phase stopped reading them (no text is read
+    twice); returns the non-finite streak it ended with, which goes on counting."""
+    handover = last_phase_dir / f"data-rank{rank}.pt"
+    if not handover.is_file():
+        raise FileNotFoundError(f"{handover}, where the last phase stopped reading, is missing: "
+                                f"restore it, or delete {last_phase_dir} to redo that phase "
+                                "(else its text would be read twice)")
+    streams = torch.load(handover, map_location="cpu", weights_only=True)["streams"]
+    for name in streams.keys() & mixture.streams.keys():
+        mixture.streams[name].load_state_dict(streams[name])
+    return read_done(last_phase_dir).get("bad_steps", 0)
 
 
 def export_folder(raw_model, tok_dir: Path, dest: Path):
     """A Hugging Face folder: weights, config, generation config, tokenizer (atomic)."""
+    with disk_errors(dest), atomic_dir(dest) as tmp:
+        save_pretrained(raw_model, tmp)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            if (tok_dir / name).is_file():
+                shutil.copy(tok_dir / name, tmp / name)
+
+# ----------------------------------------------------------------------------------------------
+# A stage's DONE.json: its results and the digest of its files
+
+
+def write_done(folder: Path, record: dict):
+    """DONE.json, written last: record plus the digest of every file of the stage."""
+    files = {k: v for k, v in folder_digest(folder).items()
+             if k != "DONE.json" and not k.startswith("ckpt-")}
+    with disk_errors(folder / "DONE.json"):
+        write_json(folder / "DONE.json", {**record, "files": files})
+
+
+def read_json(path: Path, fix: str):
+    """A JSON state file, or one sentence naming it and the fix."""
     try:
-        with atomic_dir(dest) as tmp:
-            save_pretrained(raw_model, tmp)
-            for name in ("tokenizer.json", "tokenizer_config.json"):
-                if (tok_dir / name).is_file():
-                    shutil.copy(tok_dir / name, tmp / name)
-    except OSError as e:
-        raise OSError(f"could not write {dest} ({e.strerror or e}); free disk space and run "
-                      "the same command again") from None
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:  # ValueError: cut short, edited, or not UTF-8
+        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        raise ValueError(f"{path} is unreadable ({reason}); {fix}") from None
+
+
+def read_done(folder: Path) -> dict:
+    """A finished stage's DONE.json, after checking that its files are still what it wrote."""
+    fix = f"delete {folder} to redo that stage (the same settings rebuild it the same)"
+    done = read_json(folder / "DONE.json", fix)
+    problem = damage(folder, done.get("files", {}))
+    if problem:
+        raise ValueError(f"{folder}: {problem} since the stage finished; restore it or {fix}")
+    return done

@@ -6,12 +6,17 @@ Defaults, then the preset, then the TOML file, then the flags: the last one wins
 parsed by its field's type (booleans are true/false); no config file is ever executed.
 """
 import difflib
-import json
+import math
 import tomllib
+from contextlib import ExitStack
 from dataclasses import asdict, fields
 from pathlib import Path
 
 import data
+from atomic import disk_errors, lock_dir, write_json
+from checkpoint import read_json
+from distributed import autocast
+from readers import check_readable
 from schedule import DECAY_SHAPES
 from tokenizer import SCRIPTS
 
@@ -51,13 +56,21 @@ def read_toml(cls, path: Path, renamed: dict) -> dict:
     """A TOML file's values, each checked against the field's type."""
     known = {f.name: f for f in fields(cls)}
     if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    values = {renamed.get(k, k): v for k, v in tomllib.loads(path.read_text()).items()}
+        raise FileNotFoundError(f"config file {path} is not a file; give the path of a .toml "
+                                "file")
+    try:
+        values = {renamed.get(k, k): v for k, v in tomllib.loads(path.read_text()).items()}
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid TOML ({e}); fix it or leave --config out") from None
     for key, value in values.items():
+        if key == "preset":
+            raise ValueError(f"preset = {value!r} in {path}: a preset is chosen on the command "
+                             "line (--preset=...), and the file's values go on top of it")
         if key not in known:
             raise ValueError(f"unknown key {key!r} in {path}")
-        want = known[key].type
-        if not isinstance(value, want) and not (want is float and isinstance(value, int)):
+        want = known[key].type  # bool is an int in Python, and TOML true is no number
+        if isinstance(value, bool) != (want is bool) or not isinstance(value, want) and not (
+                want is float and isinstance(value, int)):
             raise ValueError(f"{key} = {value!r} in {path}: expected {want.__name__}")
     return values
 
@@ -79,9 +92,12 @@ def load_config(cls, presets: dict, argv: list, renamed: dict = None):
 
 
 def validate(cfg, phases: list, world_size: int):
-    """Every check that needs no model, no data and no process group."""
+    """Every check of the values that needs no model, no data and no process group."""
+    if cfg.seq_len < 1 or cfg.micro_batch < 0:
+        raise ValueError(f"seq_len must be >= 1 and micro_batch >= 0 (0: the largest that "
+                         f"fits); got seq_len={cfg.seq_len}, micro_batch={cfg.micro_batch}")
     per_step = max(cfg.micro_batch, 1) * cfg.seq_len * world_size
-    if cfg.micro_batch < 0 or cfg.seq_len < 1 or cfg.batch_tokens % per_step:
+    if cfg.batch_tokens % per_step:
         good = max(1, round(cfg.batch_tokens / max(per_step, 1))) * per_step
         raise ValueError(f"batch_tokens={cfg.batch_tokens} is not a multiple of {per_step} "
                          f"(micro_batch*seq_len*world_size); try batch_tokens={good}")
@@ -104,22 +120,95 @@ def validate(cfg, phases: list, world_size: int):
               (min(cfg.log_every, cfg.eval_every, cfg.ckpt_every, cfg.keep_ckpts,
                    cfg.max_bad_steps) > 0,
                "log_every, eval_every, ckpt_every, keep_ckpts and max_bad_steps must be > 0")]
+    finite = all(map(math.isfinite, [p.lr for p in phases] + [cfg.grad_clip, cfg.weight_decay]))
+    checks += [(finite and all(p.lr > 0 for p in phases), "learning rates must be finite and > 0"),
+               (finite and cfg.grad_clip > 0, "grad_clip must be finite and > 0"),
+               (0 <= cfg.weight_decay, "weight_decay must be finite and >= 0"),
+               (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1, "beta1 and beta2 must be in [0, 1)"),
+               (cfg.peak_tflops > 0 and cfg.gpu_gib >= 0, "peak_tflops must be > 0, gpu_gib >= 0"),
+               (cfg.max_hours >= 0 and cfg.stop_after_steps >= 0,
+                "max_hours and stop_after_steps must be >= 0 (0: no limit)"),
+               (cfg.sample_tokens >= 0 and cfg.tokenizer_bytes >= 0,
+                "sample_tokens and tokenizer_bytes must be >= 0"),
+               (cfg.out_dir.strip() != "", "out_dir must name a folder"),
+               (not Path(cfg.out_dir).exists() or Path(cfg.out_dir).is_dir(),
+                f"out_dir={cfg.out_dir} is a file, not a folder; choose another out_dir")]
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+    names = {"ko", "en"}
+    for phase in phases:
+        unknown = set(data.parse_weights(phase.mix)) - names
+        if unknown:
+            raise ValueError(f"mix_{phase.name}={phase.mix!r} names {sorted(unknown)}; the "
+                             f"sources are {sorted(names)}")
 
 
-def check_resume(cfg, out: Path, world_size: int, fixed: tuple, renamed: dict):
-    """Refuse to continue a run whose saved config differs in a field that breaks it."""
+def check_sources(cfg):
+    """Every local data path exists and starts as readable UTF-8 text (hub sources are read
+    when the run reaches them)."""
+    for name in ("data_ko", "data_en", "eval_ko", "eval_en", "tokenizer_data"):
+        spec = getattr(cfg, name)
+        if spec and not spec.startswith("hf:"):
+            try:
+                check_readable(spec)
+            except (OSError, ValueError) as e:
+                raise type(e)(f"--{name}: {e}") from None
+
+
+# Once a stage has written state, changing what it was made from would make that state
+# meaningless (or, for the held-out texts, make the base-vs-final table compare other texts).
+FIXED_BY_STAGE = {
+    "tokenizer": ("base", "data_ko", "text_field", "new_tokens", "unicode_script",
+                  "tokenizer_data", "tokenizer_bytes"),
+    "init": ("init", "eval_ko", "eval_en", "eval_bytes"),
+    "phase1a": ("data_en", "pad_vocab_to", "seq_len", "micro_batch", "batch_tokens", "mix_1a",
+                "mix_1b", "new_rows_only", "seed", "dtype"),
+}
+# What a finished run may be run again with: settings that change no result
+NO_RESULT = ("out_dir", "debug", "log_every", "max_hours", "stop_after_steps", "keep_ckpts",
+             "ckpt_every", "device", "gpu_gib")
+
+
+def has_state(stage: Path) -> bool:
+    return (stage / "DONE.json").is_file() or any(stage.glob("ckpt-*"))
+
+
+def check_resume(cfg, out: Path, world_size: int, renamed: dict) -> bool:
+    """Refuse settings that contradict what out_dir already holds. True when out_dir holds a
+    finished run made with these settings (there is nothing to do)."""
     if not (out / "config.json").is_file():
-        return
-    saved = {renamed.get(k, k): v for k, v in json.loads((out / "config.json").read_text()).items()}
-    now = asdict(cfg)
-    changed = [k for k in fixed if k in saved and saved[k] != now[k]]
+        return False
+    saved = read_json(out / "config.json", "delete it (it is written again) or use a new out_dir")
+    saved, now = {renamed.get(k, k): v for k, v in saved.items()}, asdict(cfg)
+    if (out / "final.gguf").is_file():
+        changed = [k for k in now if k not in NO_RESULT and k in saved and saved[k] != now[k]]
+        what = "a finished run made"
+    else:
+        changed = [k for stage, keys in FIXED_BY_STAGE.items() if has_state(out / stage)
+                   for k in keys if k in saved and saved[k] != now[k]]
+        what = "a run started"
     if changed:
         diff = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed)
-        raise ValueError(f"{out} holds a run made with other settings ({diff}); use a new "
-                         "out_dir or the original values")
-    if saved.get("world_size", world_size) != world_size:
+        raise ValueError(f"{out} holds {what} with other settings ({diff}); use a new out_dir "
+                         "or the original values")
+    if has_state(out / "phase1a") and saved.get("world_size", world_size) != world_size:
         raise ValueError(f"{out} was started with {saved['world_size']} processes; resume it "
                          "with as many (data streams and checkpoints are per rank)")
+    return (out / "final.gguf").is_file()
+
+
+def record_run(cfg, env, held: ExitStack, renamed: dict):
+    """Rank 0: lock out_dir for this run (held until it ends), check the settings against
+    what it holds, and write them to config.json unless the run is finished already."""
+    out = Path(cfg.out_dir)
+    with disk_errors(out):
+        out.mkdir(parents=True, exist_ok=True)
+    held.enter_context(lock_dir(out))
+    if check_resume(cfg, out, env.world_size, renamed):
+        return
+    record = {**asdict(cfg), "world_size": env.world_size, "device_name": str(env.device),
+              "amp_dtype": str(autocast(cfg.dtype, env.device)[1])}
+    with disk_errors(out / "config.json"):
+        write_json(out / "config.json", record)
+    print("config:\n" + "\n".join(f"  {k} = {v}" for k, v in record.items()), flush=True)

@@ -19,7 +19,7 @@ from gguf import GGUFReader
 from gguf.quants import dequantize
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
-from atomic import atomic_dir
+from atomic import atomic_dir, disk_errors
 from hf_io import config_from_hf, config_to_hf, load_hf_state, save_pretrained
 from model import Llama, ModelConfig
 
@@ -67,7 +67,10 @@ def f32_round(x: float) -> float:
 
 def read_gguf(path: Path):
     """(HF config dict, HF-named f32 tensors, GGUF metadata) of a llama-architecture GGUF."""
-    reader = GGUFReader(str(path))
+    try:
+        reader = GGUFReader(str(path))
+    except (ValueError, IndexError, KeyError, OSError) as e:  # what a cut file raises in gguf
+        raise ValueError(f"{path} is not a whole GGUF file ({e}); download it again") from None
     meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
     if meta.get("general.architecture") != "llama":
         raise ValueError(f"{path} holds a {meta.get('general.architecture')!r} model; "
@@ -134,15 +137,16 @@ def tokenizer_config(meta: dict) -> dict:
     return cfg
 
 
-def gguf_to_hf(gguf_path, out_dir) -> Path:
-    """Write a Hugging Face folder for gguf_path (atomically: whole or not at all)."""
+def gguf_to_hf(gguf_path, out_dir, shared: bool = False) -> Path:
+    """Write a Hugging Face folder for gguf_path (atomically: whole or not at all). shared: a
+    cache that other processes may be filling at the same time (the first to finish wins)."""
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if not gguf_path.is_file():
         raise FileNotFoundError(f"GGUF file {gguf_path} does not exist")
     hf, tensors, meta = read_gguf(gguf_path)
     model = Llama(config_from_hf(hf))
     load_hf_state(model, tensors, source=str(gguf_path))
-    with atomic_dir(out_dir) as tmp:
+    with disk_errors(out_dir), atomic_dir(out_dir, shared) as tmp:
         save_pretrained(model, tmp, bos_token_id=hf["bos_token_id"],
                               eos_token_id=hf["eos_token_id"])
         gguf_tokenizer(meta).save(str(tmp / "tokenizer.json"))

@@ -8,7 +8,6 @@ into seq_len + 1 token blocks; each block comes from one source, drawn by weight
 `python bench.py` measures how fast the packed stream is against what a GPU trains.
 """
 import random
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from datasets import IterableDataset, load_dataset
 from datasets.distributed import split_dataset_by_node
 from tqdm import tqdm
 
+from errors import CorpusError, warn
 from readers import file_kind, local_files, read_local
 
 ROOT = Path(__file__).resolve().parent
@@ -37,6 +37,9 @@ def parse_weights(spec: str) -> dict:
     weights = {}
     for part in filter(None, (p.strip() for p in spec.split(","))):
         name, _, value = part.partition("=")
+        if name.strip() in weights:
+            raise ValueError(f"mixture {spec!r} names {name.strip()!r} twice; give each source "
+                             "once")
         try:
             weights[name.strip()] = float(value)
         except ValueError:
@@ -70,25 +73,36 @@ def open_source(src: Source, rank: int = 0, world_size: int = 1):
 def text_of(example: dict, src: Source) -> str:
     """The document text of one example, checked."""
     key = src.text_field
-    text = example.get(key)
-    if not isinstance(text, str):
-        raise ValueError(f"source {src.name} ({src.path}) has no text field {key!r}; its fields "
-                         f"are {sorted(example)}: set the source's text field")
-    return text
+    if key not in example:
+        raise CorpusError(f"source {src.name} ({src.path}) has no text field {key!r}; its "
+                          f"fields are {sorted(example)}: set the source's text field")
+    if not isinstance(example[key], str):
+        raise CorpusError(f"source {src.name} ({src.path}): field {key!r} holds "
+                          f"{type(example[key]).__name__} {str(example[key])[:40]!r}, not text")
+    return example[key]
+
+
+def iter_pieces(path: str, text_field: str = "text", progress: bool = False):
+    """(text, ends its document) of a source in order; a long document comes in pieces."""
+    src = Source(Path(path).stem, path, text_field)
+    for ex in tqdm(open_source(src), desc=f"reading {path}", unit=" docs", disable=not progress):
+        yield text_of(ex, src), ex.get("doc_end", True)
 
 
 def iter_texts(paths: list, text_field: str = "text", progress: bool = False):
-    """Every document of the given sources, in order (for tokenizer training and eval sets)."""
+    """The text of the given sources in order, document by document (a long one in pieces)."""
     for path in paths:
-        src = Source(Path(path).stem, path, text_field)
-        docs = (text_of(ex, src) for ex in open_source(src))
-        yield from tqdm(docs, desc=f"reading {path}", unit=" docs", disable=not progress)
+        yield from (text for text, _ in iter_pieces(path, text_field, progress))
 
 
 def eval_docs(path: str, max_bytes: int, text_field: str = "text") -> list:
     """The first documents of path holding at most max_bytes of UTF-8 (a fixed eval set)."""
-    docs, total = [], 0
-    for text in iter_texts([path], text_field):
+    docs, total, parts = [], 0, []
+    for piece, doc_end in iter_pieces(path, text_field):
+        parts.append(piece)
+        if not doc_end and sum(map(len, parts)) <= max_bytes:  # chars <= bytes: read on
+            continue
+        text, parts = "".join(parts), []
         size = len(text.encode("utf-8"))
         if total + size > max_bytes:
             if not docs:  # a single long document: cut at a character boundary
@@ -107,8 +121,10 @@ def eval_docs(path: str, max_bytes: int, text_field: str = "text") -> list:
 class PackedStream:
     """One source's documents tokenized in batches and joined with EOS into a token buffer."""
 
-    def __init__(self, src: Source, tokenizer, eos_id: int, rank=0, world_size=1, batch_docs=64):
-        self.src, self.tokenizer, self.eos_id, self.batch_docs = src, tokenizer, eos_id, batch_docs
+    def __init__(self, src: Source, tokenizer, eos_id: int, rank=0, world_size=1, batch_docs=64,
+                 batch_chars=2**18):
+        self.src, self.tokenizer, self.eos_id = src, tokenizer, eos_id
+        self.batch_docs, self.batch_chars = batch_docs, batch_chars  # what one refill reads
         self.ds = open_source(src, rank, world_size)
         self.iterator, self.epoch, self.buffer = None, 0, []
         self.restored = None  # a loaded dataset position, until the stream reads again
@@ -122,10 +138,10 @@ class PackedStream:
         return out
 
     def _refill(self):
-        texts, restarted = [], False
+        texts, size, restarted = [], 0, False
         if self.iterator is None:
             self.iterator, self.restored = iter(self.ds), None
-        while len(texts) < self.batch_docs:
+        while len(texts) < self.batch_docs and size < self.batch_chars:
             try:
                 example = next(self.iterator)
             except StopIteration:
@@ -140,16 +156,21 @@ class PackedStream:
                 continue
             if example.get("bad_bytes"):
                 if not self.bad_bytes:
-                    warnings.warn(f"source {self.src.name}: invalid UTF-8 bytes skipped")
+                    warn(f"source {self.src.name} ({self.src.path}): invalid UTF-8 bytes "
+                         "skipped (their count is in the phase's DONE.json)")
                 self.bad_bytes += example["bad_bytes"]
             text = text_of(example, self.src)
-            if text:
-                texts.append(text)
-        self.docs += len(texts)
+            if text:  # EOS after a document's last piece
+                texts.append((text, example.get("doc_end", True)))
+                size += len(text)
+        self.docs += sum(end for _, end in texts)
+        # encode_batch_fast computes no offsets: ~30% quicker
         encode = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
-        for enc in encode(texts, add_special_tokens=False):  # _fast: no offsets, ~30% quicker
+        encodings = encode([text for text, _ in texts], add_special_tokens=False)
+        for enc, (_, doc_end) in zip(encodings, texts):
             self.buffer.extend(enc.ids)
-            self.buffer.append(self.eos_id)
+            if doc_end:
+                self.buffer.append(self.eos_id)
 
     def state_dict(self) -> dict:
         # A restored datasets.IterableDataset reports its start, not the restored position,

@@ -6,11 +6,16 @@ NCCL joins the GPUs; gloo joins CPU processes, so DDP runs (and is tested) on a 
 """
 import datetime
 import os
+import signal
+import sys
+import threading
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from errors import PeerStopped, TrainingStopped
 
 
 @dataclass
@@ -59,6 +64,40 @@ def all_sum(values: list, device) -> list:
     return t.tolist()
 
 
+def stop_on_signals() -> threading.Event:
+    """An Event that SIGTERM (what notebooks and schedulers send) and Ctrl-C set: the run
+    stops at the next step boundary with a checkpoint. A second Ctrl-C stops at once."""
+    stop = threading.Event()
+
+    def handler(signum, frame):
+        if signum == signal.SIGINT and stop.is_set():
+            raise KeyboardInterrupt
+        if not stop.is_set() and int(os.environ.get("RANK", 0)) == 0:
+            print(f"\n{signal.Signals(signum).name}: stopping at the next step boundary, with a "
+                  "checkpoint (Ctrl-C again stops at once)", file=sys.stderr, flush=True)
+        stop.set()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)
+    return stop
+
+
+def on_master(env: DistEnv, work, *args):
+    """work(*args) on rank 0 while the others wait. If it fails there, every rank stops: rank 0
+    with its sentence, the others quietly (or as interrupted, if rank 0 was)."""
+    error = None
+    if env.is_master:
+        try:
+            work(*args)
+        except Exception as e:  # handed on below, on every rank
+            error = e
+    code = all_sum([0.0 if error is None else 2.0 if isinstance(error, TrainingStopped)
+                    else 1.0], env.device)[0]
+    if error is not None:
+        raise error
+    if code:
+        raise TrainingStopped("rank 0 stopped") if code == 2 else PeerStopped()
+
+
 def autocast(dtype: str, device: torch.device):
     """(autocast context, its dtype or None for fp32) for dtype auto, float16, bfloat16 or
     float32; auto is float16 on CUDA and float32 on a CPU. bf16 only when asked: a T4 emulates
@@ -72,3 +111,5 @@ def autocast(dtype: str, device: torch.device):
 def shutdown():
     if dist.is_initialized():
         dist.destroy_process_group()
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -16,9 +16,9 @@ import gguf
 import numpy as np
 
 import report
-from atomic import atomic_dir, atomic_file
+from atomic import atomic_dir, atomic_file, disk_errors
 from convert_gguf import GGUF_TO_HF, rope_permute
-from hf_io import read_safetensors
+from hf_io import model_folder, read_safetensors
 from tokenizer import full_vocab, merge_pairs
 
 HF_TO_GGUF = {hf: gg for gg, hf in GGUF_TO_HF.items()}
@@ -109,23 +109,28 @@ def export(folder, out, dtype: str = "f16") -> Path:
 
 def export_run(model_dir: Path, run: Path):
     """A run's last stage: run/final (Hugging Face folder with a model card), run/final.gguf and
-    run/plots/, each written whole or not at all."""
+    run/plots/, each written whole or not at all; then the summary."""
     if not (run / "final" / "config.json").is_file():
-        with atomic_dir(run / "final") as tmp:
+        with disk_errors(run / "final"), atomic_dir(run / "final") as tmp:
             shutil.copytree(model_dir, tmp, dirs_exist_ok=True)
-    report.write(run)
+    with disk_errors(f"the model card or plots in {run}"):
+        report.write(run)
     if not (run / "final.gguf").is_file():
-        with atomic_file(run / "final.gguf") as tmp:
+        with disk_errors(run / "final.gguf"), atomic_file(run / "final.gguf") as tmp:
             export(run / "final", tmp, "f16")
+    report.summary(run)
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("folder", help="a Hugging Face model folder, e.g. runs/demo/final")
+    p.add_argument("folder", help="a Hugging Face model folder, or a bori run folder")
     p.add_argument("out", help="the .gguf file to write")
     p.add_argument("--dtype", default="f16", choices=["f16", "f32"])
     args = p.parse_args()
     try:
-        print(f"wrote {export(args.folder, args.out, args.dtype)}")
-    except (FileNotFoundError, ValueError) as e:
+        folder = model_folder(args.folder)
+        with disk_errors(args.out), atomic_file(Path(args.out)) as tmp:
+            export(folder, tmp, args.dtype)
+        print(f"wrote {args.out} from {folder}")
+    except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")

@@ -94,8 +94,27 @@ def read_safetensors(path: Path) -> dict:
     for shard in shards:
         if not (path / shard).is_file():
             raise FileNotFoundError(f"shard {path / shard} named in the index is missing")
-        state.update(load_file(str(path / shard)))
+        try:
+            state.update(load_file(str(path / shard)))
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{path / shard} is damaged or cut short ({e}); copy or export "
+                             "it again") from None
     return state
+
+
+def model_folder(path) -> Path:
+    """A model folder: path itself, or in a bori run folder its final model, else its newest
+    finished phase's model, else that phase's newest checkpoint."""
+    path = Path(path)
+    if (path / "config.json").is_file() and (path / "tokenizer.json").is_file() or (
+            path / "model.safetensors").is_file():
+        return path
+    for candidate in [path / "final", path / "phase1b" / "model", path / "phase1a" / "model",
+                      *sorted(path.glob("phase1?/ckpt-??????"), reverse=True)]:
+        if (candidate / "model.safetensors").is_file():
+            return candidate
+    raise FileNotFoundError(f"{path} holds no model: pass a model folder (one with config.json "
+                            "and model.safetensors) or a bori run folder")
 
 
 def from_pretrained(path, pad_vocab_to: int = 1) -> Llama:

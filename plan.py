@@ -8,11 +8,16 @@ saves per extra token are scaled to the real batch. With checkpointing a block k
 fp32 input, and one block at a time is recomputed during backward.
 """
 import argparse
+import dataclasses
 import functools
+from pathlib import Path
 
 import torch
 
+from atomic import disk_errors, write_json
+from checkpoint import read_json
 from distributed import print0
+from hf_io import config_from_hf
 from loss import loss_chunk_rows
 from model import PRESETS, Block, ModelConfig, preset, rope_tables
 from tokenizer import REFERENCE_NEW_TOKENS
@@ -101,9 +106,13 @@ def format_plan(plan: dict, gpu_gib: float, micro_batch: int, best: int, where: 
     return "\n".join(lines)
 
 
-def plan_for_run(cfg, env, model_cfg: ModelConfig, dtype) -> int:
-    """Print the plan for a bori Config on this device; pick micro_batch when it is 0; refuse a
-    plan that cannot fit. dtype is the autocast dtype (None: fp32)."""
+def plan_for_run(cfg, env, model_dir: Path, dtype) -> int:
+    """Print the plan for a bori Config and the model in model_dir on this device; pick
+    micro_batch when it is 0 (recorded in out_dir/config.json); refuse a plan that cannot fit.
+    dtype is the autocast dtype (None: fp32)."""
+    fix = f"delete {model_dir} to redo that stage"
+    model_cfg = config_from_hf(read_json(model_dir / "config.json", fix))
+    model_cfg = dataclasses.replace(model_cfg, pad_vocab_to=cfg.pad_vocab_to)
     on_gpu = env.device.type == "cuda"
     gpu_gib = cfg.gpu_gib or (torch.cuda.get_device_properties(env.device).total_memory / GIB
                               if on_gpu else T4_GIB)
@@ -121,6 +130,12 @@ def plan_for_run(cfg, env, model_cfg: ModelConfig, dtype) -> int:
         raise ValueError(f"micro_batch={micro_batch} needs about {need['total']:.1f} GiB per GPU, "
                          f"more than the {usable:.1f} GiB usable here; use micro_batch={best} "
                          "(0 picks it) or grad_checkpointing=true")
+    if env.is_master:
+        record = Path(cfg.out_dir) / "config.json"
+        with disk_errors(record):
+            write_json(record, {**read_json(record, "delete it: the next run writes it again"),
+                                "micro_batch_resolved": micro_batch, "grad_accum":
+                                limit // micro_batch})
     return micro_batch
 
 

@@ -3,16 +3,15 @@
 Rank 0 runs them (bori.run_all) while the other ranks wait. Each writes its folder's DONE.json
 last and is skipped once that exists, so a killed run redoes at most the stage it was in.
 """
-import json
 from pathlib import Path
 
 from tokenizers import Tokenizer
 
 import data
 import tokenizer
-from atomic import write_json
-from base_model import check_merged_tokenizer
-from checkpoint import export_folder
+from atomic import atomic_dir, disk_errors, write_json
+from base_model import check_base, check_merged_tokenizer, resolve_base
+from checkpoint import export_folder, read_done, read_json, write_done
 from evaluate import evaluate, print_tokenizer_report, tokenizer_report
 from hf_io import from_pretrained
 from model import expand_vocab
@@ -30,10 +29,12 @@ def bpe_training_text(run):
     path = cfg.tokenizer_data or cfg.data_ko
     for text in data.iter_texts([path], cfg.text_field, progress=True):
         run.check_stop("the tokenizer was trained")
-        yield text
-        total += len(text.encode("utf-8"))
-        if cfg.tokenizer_bytes and total >= cfg.tokenizer_bytes:
+        raw = text.encode("utf-8")
+        if cfg.tokenizer_bytes and total + len(raw) >= cfg.tokenizer_bytes:  # the last one cut
+            yield raw[:cfg.tokenizer_bytes - total].decode("utf-8", errors="ignore")
             return
+        yield text
+        total += len(raw)
     if total == 0:
         raise ValueError(f"tokenizer data {path!r} has no text; point data_ko (or "
                          "tokenizer_data) at Korean text")
@@ -44,13 +45,15 @@ def stage_tokenizer(run, base_dir: Path):
     text against the base and the standalone BPE (report.json)."""
     tok_dir = run.out / "tokenizer"
     if (tok_dir / "DONE.json").is_file():
+        read_done(tok_dir)  # its files are still what it wrote
         return
-    done = tokenizer.build(base_dir, tok_dir, bpe_training_text(run), run.cfg.new_tokens,
-                           run.cfg.unicode_script)
-    report = tokenizer_report(base_dir, tok_dir, run.evals)
-    print_tokenizer_report(report)
-    write_json(tok_dir / "report.json", report)
-    write_json(tok_dir / "DONE.json", {**done, **report})
+    with disk_errors(tok_dir), atomic_dir(tok_dir) as tmp:
+        done = tokenizer.build(base_dir, tmp, bpe_training_text(run), run.cfg.new_tokens,
+                               run.cfg.unicode_script)
+        report = tokenizer_report(base_dir, tmp, run.evals)
+        print_tokenizer_report(report)
+        write_json(tmp / "report.json", report)
+        write_done(tmp, {**done, **report})
 
 
 def stage_init(run, base_dir: Path):
@@ -58,11 +61,12 @@ def stage_init(run, base_dir: Path):
     model with its embedding grown by one EEVE-initialised row per new token."""
     cfg, init_dir, tok_dir = run.cfg, run.out / "init", run.out / "tokenizer"
     if (init_dir / "DONE.json").is_file():
+        read_done(init_dir)
         return
     run.check_stop("the init stage")
     base = from_pretrained(base_dir).to(run.env.device)
     base_tok = Tokenizer.from_file(str(base_dir / "tokenizer.json"))
-    emap = json.loads((tok_dir / "eeve_map.json").read_text())
+    emap = read_json(tok_dir / "eeve_map.json", f"delete {tok_dir} to rebuild it")
     check_merged_tokenizer(base_dir, base_tok, base.cfg.vocab_size, tok_dir, emap)
     run.metrics.truncate_after("base", 0)
     scores = evaluate(base, base_tok, run.evals, cfg.seq_len, run.env.device, run.ctx)
@@ -70,5 +74,13 @@ def stage_init(run, base_dir: Path):
     print("base model: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()), flush=True)
     expand_vocab(base, emap["pieces"], cfg.init, cfg.seed)
     export_folder(base, tok_dir, init_dir)
-    write_json(init_dir / "DONE.json", {"base_bpb": scores, "n_old_rows": emap["base_vocab_size"],
-                                        "vocab_size": base.cfg.vocab_size})
+    write_done(init_dir, {"base_bpb": scores, "n_old_rows": emap["base_vocab_size"],
+                          "vocab_size": base.cfg.vocab_size})
+
+
+def prepare_model(run):
+    """Rank 0: the base model found and checked, the merged tokenizer, the expanded model."""
+    base_dir = resolve_base(run.cfg.base)
+    check_base(base_dir, run.cfg.seq_len)
+    stage_tokenizer(run, base_dir)
+    stage_init(run, base_dir)

@@ -2,14 +2,20 @@
 
 A .txt file holds documents separated by blank lines; a .jsonl (or .json) file one JSON object
 per line with the text under a field; parquet is read by `datasets`. A data path is a file, a
-folder (every such file below it) or a glob.
+folder (every such file below it) or a glob. Memory stays bounded on any input: a document
+longer than PIECE_BYTES comes in pieces (each example says whether it ends its document).
 """
 import glob
 import gzip
 import json
+import zlib
 from pathlib import Path
 
+from errors import CorpusError
+
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
+PIECE_BYTES = 2**18  # 256 KiB of text at most per example
+UTF16_32_BOMS = (b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")
 
 
 def file_kind(file: str) -> str:
@@ -36,39 +42,139 @@ def local_files(spec: str) -> list:
     return files
 
 
-def read_local(files: list, text_field: str):
-    """Documents of .txt (blank-line separated paragraphs) or JSON-lines files.
+def check_head(file: str, head: bytes):
+    """Refuse text in another encoding: UTF-16 or UTF-32 (a byte-order mark, or NUL bytes,
+    which UTF-8 text does not hold and UTF-16 holds in every other byte of ASCII), or one
+    whose bytes are mostly not UTF-8 (CP949/EUC-KR, Shift-JIS...)."""
+    convert = f"{file} > {Path(file).stem}.utf8{file_kind(file)}"
+    if head.startswith(UTF16_32_BOMS) or head.count(0) > len(head) // 10:
+        raise CorpusError(f"{file} is not UTF-8 text (it looks like UTF-16 or UTF-32); convert "
+                          f"it, e.g. iconv -f UTF-16 -t UTF-8 {convert}")
+    head = head[:complete(head)]
+    if len(head) - len(head.decode("utf-8", errors="ignore").encode()) > len(head) // 4:
+        raise CorpusError(f"{file} is not UTF-8 text (most of its first bytes are not UTF-8: "
+                          f"another encoding, such as CP949); convert it, e.g. iconv -f CP949 "
+                          f"-t UTF-8 {convert}")
 
-    Invalid UTF-8 bytes are dropped and counted in each document's `bad_bytes`."""
+
+def check_readable(spec: str):
+    """Every local file of a data path opens and starts as UTF-8 text (checked before a run
+    writes anything; a file damaged further in is caught when it is reached)."""
+    for file in local_files(spec):
+        if file_kind(file) != ".parquet":
+            with open_text(file) as f:
+                check_head(file, f.read(4096))
+
+
+def open_text(file: str):
+    try:
+        return gzip.open(file, "rb") if file.endswith(".gz") else open(file, "rb")
+    except OSError as e:
+        raise CorpusError(f"cannot read {file} ({e.strerror or e}); make sure it is there and "
+                          "readable") from None
+
+
+def complete(chunk: bytes) -> int:
+    """The length of chunk's longest start that does not end inside a UTF-8 character."""
+    for back in range(1, min(4, len(chunk)) + 1):
+        byte = chunk[-back]
+        if byte < 0x80:
+            return len(chunk)
+        if byte >= 0xC0:  # the lead byte of a character of `size` bytes
+            size = 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
+            return len(chunk) if back >= size else len(chunk) - back
+    return len(chunk)
+
+
+def lines(f, file: str):
+    """(bytes, ends_line) pieces of a binary file: whole lines, and a line longer than
+    PIECE_BYTES in pieces cut between characters."""
+    carry = b""
+    try:
+        for n, chunk in enumerate(iter(lambda: f.readline(PIECE_BYTES), b"")):
+            chunk = carry + chunk
+            if n == 0:
+                check_head(file, chunk[:4096])
+                chunk = chunk.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark
+            if chunk.endswith(b"\n"):
+                carry = b""
+                yield chunk, True
+            else:
+                cut = complete(chunk)
+                chunk, carry = chunk[:cut], chunk[cut:]
+                yield chunk, False
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise CorpusError(f"{file} is a damaged or cut-short gzip file ({e}); download it again "
+                          "or leave it out of the data path") from None
+    if carry:
+        yield carry, True
+
+
+def read_local(files: list, text_field: str):
+    """Documents of .txt (blank-line separated paragraphs) or JSON-lines files, as examples
+    {text_field: text, "bad_bytes": invalid UTF-8 bytes dropped, "doc_end": last piece}."""
     for file in files:
-        opener = gzip.open if file.endswith(".gz") else open
-        is_json = file_kind(file) in (".json", ".jsonl")
-        with opener(file, "rb") as f:
-            para, para_bad = [], 0
-            for n, raw in enumerate(f, 1):
-                line = raw.decode("utf-8", errors="ignore")
-                bad = len(raw) - len(line.encode("utf-8"))
-                if is_json and line.strip():
-                    yield {text_field: json_text(line, text_field, file, n), "bad_bytes": bad}
-                elif not is_json and line.strip():
-                    para.append(line)
-                    para_bad += bad
-                elif para:
-                    yield {text_field: "".join(para).rstrip("\n"), "bad_bytes": para_bad}
-                    para, para_bad = [], 0
-            if para:
-                yield {text_field: "".join(para).rstrip("\n"), "bad_bytes": para_bad}
+        with open_text(file) as f:
+            if file_kind(file) in (".json", ".jsonl"):
+                yield from json_documents(f, file, text_field)
+            else:
+                yield from text_documents(f, file, text_field)
+
+
+def decode(raw: bytes) -> tuple:
+    """(text, how many invalid UTF-8 bytes were dropped)."""
+    text = raw.decode("utf-8", errors="ignore")
+    return text, len(raw) - len(text.encode("utf-8"))
+
+
+def text_documents(f, file: str, field: str):
+    para, size = [], 0
+    for raw, ends_line in lines(f, file):
+        blank = ends_line and not raw.strip()
+        if not blank:
+            para.append(raw)
+            size += len(raw)
+        if size > PIECE_BYTES and len(para) > 1:  # a long paragraph: all but its last chunk
+            text, bad = decode(b"".join(para[:-1]))
+            yield {field: text, "bad_bytes": bad, "doc_end": False}
+            para, size = para[-1:], len(para[-1])
+        elif blank and para:
+            text, bad = decode(b"".join(para))
+            yield {field: text.rstrip("\n"), "bad_bytes": bad, "doc_end": True}
+            para, size = [], 0
+    if para:
+        text, bad = decode(b"".join(para))
+        yield {field: text.rstrip("\n"), "bad_bytes": bad, "doc_end": True}
+
+
+def json_documents(f, file: str, field: str):
+    line, n = [], 0
+    for raw, ends_line in lines(f, file):
+        line.append(raw)
+        if not ends_line:
+            continue
+        n += 1
+        text, bad = decode(b"".join(line))
+        line = []
+        if text.strip():
+            text = json_text(text, field, file, n)
+            step = PIECE_BYTES // 4  # characters: at most 4 bytes each
+            for start in range(0, max(len(text), 1), step):
+                yield {field: text[start:start + step], "bad_bytes": bad if start == 0 else 0,
+                       "doc_end": start + step >= len(text)}
 
 
 def json_text(line: str, field: str, file: str, n: int) -> str:
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{file} line {n} is not valid JSON ({e.msg}); JSONL wants one object "
-                         "per line") from None
-    text = obj.get(field) if isinstance(obj, dict) else None
-    if not isinstance(text, str):
+        raise CorpusError(f"{file} line {n} is not valid JSON ({e.msg}); JSONL wants one object "
+                          "per line") from None
+    if not isinstance(obj, dict) or field not in obj:
         keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-        raise ValueError(f"{file} line {n} has no text field {field!r} (it has {keys}); set "
-                         "the source's text field to the key that holds the text")
-    return text
+        raise CorpusError(f"{file} line {n} has no text field {field!r} (it has {keys}); set "
+                          "the source's text field to the key that holds the text")
+    if not isinstance(obj[field], str):
+        raise CorpusError(f"{file} line {n}: field {field!r} holds {type(obj[field]).__name__} "
+                          f"{str(obj[field])[:40]!r}, not text; fix or drop that line")
+    return obj[field]

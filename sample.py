@@ -1,7 +1,9 @@
-"""Generate text from an exported folder or a checkpoint of a run, with tokens per second.
+"""Generate text from a model folder or a run, with tokens per second.
 
-    python sample.py runs/demo/final --prompt "대한민국의 수도는" --prompt "The capital of"
-    python sample.py runs/demo/phase1b/ckpt-000020 --temperature 0 --max_tokens 64
+    python sample.py runs/demo --prompt "대한민국의 수도는" --prompt "The capital of"
+    python sample.py runs/demo/final --temperature 0 --max_tokens 64
+
+A run folder means its final model, or while it trains its newest phase model or checkpoint.
 """
 import argparse
 import sys
@@ -12,7 +14,7 @@ import torch
 from tokenizers import Tokenizer
 
 from data import EOS_TOKEN
-from hf_io import from_pretrained
+from hf_io import from_pretrained, model_folder
 
 
 def find_tokenizer(folder: Path) -> Path:
@@ -20,25 +22,38 @@ def find_tokenizer(folder: Path) -> Path:
     for candidate in (folder, folder.parent.parent / "tokenizer"):
         if (candidate / "tokenizer.json").is_file():
             return candidate / "tokenizer.json"
-    raise FileNotFoundError(f"no tokenizer.json in {folder} or its run's tokenizer/ folder")
+    raise FileNotFoundError(f"no tokenizer.json in {folder} or its run's tokenizer/ folder; "
+                            "pass a model folder that bori exported")
+
+
+def at_least(low: float, kind=float):
+    """An argparse type: a number of `kind` that is >= low."""
+    def parse(text: str):
+        value = kind(text)
+        if not value >= low:
+            raise argparse.ArgumentTypeError(f"{text} is below {low}")
+        return value
+    return parse
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("folder", help="an exported model folder or a checkpoint folder")
+    p.add_argument("folder", help="a model folder, or a run folder (its final model)")
     p.add_argument("--prompt", action="append", help="repeatable; default: a Korean and an "
                    "English prompt")
-    p.add_argument("--max_tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
-    p.add_argument("--top_k", type=int, default=0)
-    p.add_argument("--top_p", type=float, default=0.9)
+    p.add_argument("--max_tokens", type=at_least(1, int), default=64)
+    p.add_argument("--temperature", type=at_least(0.0), default=0.8, help="0: greedy")
+    p.add_argument("--top_k", type=at_least(0, int), default=0, help="0: no limit")
+    p.add_argument("--top_p", type=at_least(0.0), default=0.9)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     try:
-        folder = Path(args.folder)
+        folder = model_folder(args.folder)
+        if folder != Path(args.folder):
+            print(f"model: {folder}")
         tok = Tokenizer.from_file(str(find_tokenizer(folder)))
         model = from_pretrained(folder)
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()

@@ -201,7 +201,10 @@ def build(base_dir, out_dir, texts, n_new: int = REFERENCE_NEW_TOKENS,
                          f"tokens, fewer than new_tokens={n_new}; give it more text or "
                          "ask for fewer new tokens")
     out_dir.mkdir(parents=True, exist_ok=True)
-    Tokenizer.from_str(json.dumps(merged_json)).save(str(out_dir / "tokenizer.json"))
+    try:
+        Tokenizer.from_str(json.dumps(merged_json)).save(str(out_dir / "tokenizer.json"))
+    except Exception as e:  # tokenizers reports a failed write as a bare Exception
+        raise OSError(str(e)) from None
     cut = json.loads(standalone.to_str())  # its first n_new merges: the same budget
     cut["model"]["merges"] = cut["model"]["merges"][:n_new]
     cut["model"]["vocab"] = {t: i for t, i in cut["model"]["vocab"].items() if i < 257 + n_new}

@@ -226,6 +226,18 @@ def corpus(content: str):
     return build
 
 
+def corpus_bytes(content: bytes):
+    def build(tmp_path, base):
+        (tmp_path / "corpus.txt").write_bytes(content)
+        return tiny_flags(tmp_path / "out", base, data_ko=tmp_path / "corpus.txt")
+    return build
+
+
+def file_as_out_dir(tmp_path, base):
+    (tmp_path / "afile").write_text("not a folder")
+    return tiny_flags(tmp_path / "afile", base)
+
+
 def toml(content: str):
     def build(tmp_path, base):
         (tmp_path / "run.toml").write_text(content)
@@ -262,7 +274,30 @@ BAD_INPUTS = {  # name: (argv builder, the sentence expected)
     "bad batch": (flags(batch_tokens=100), r"batch_tokens=100 is not a multiple of 64"),
     "zero weight": (flags(mix_1b="ko=0.9,en=0"), r"every source needs a weight > 0"),
     "config file key": (toml("lr = 0.1\n"), r"unknown key 'lr' in"),
+    "infinite lr": (flags(lr_1a="inf"), r"learning rates must be finite and > 0"),
+    "zero lr": (flags(lr_1b=0), r"learning rates must be finite and > 0"),
+    "zero grad_clip": (flags(grad_clip=0), r"grad_clip must be finite and > 0"),
+    "beta2 of 1": (flags(beta2=1.0), r"beta1 and beta2 must be in \[0, 1\)"),
+    "zero peak_tflops": (flags(peak_tflops=0), r"peak_tflops must be > 0"),
+    "negative max_hours": (flags(max_hours=-1), r"max_hours and stop_after_steps must be >= 0"),
+    "negative stop_after_steps": (flags(stop_after_steps=-2), r"must be >= 0 \(0: no limit\)"),
+    "no seq_len": (flags(seq_len=0), r"seq_len must be >= 1 and micro_batch >= 0"),
+    "empty out_dir": (extra("--out_dir="), r"out_dir must name a folder"),
+    "unknown source in mix": (flags(mix_1b="ko=0.9,fr=0.1"),
+                              r"mix_1b='ko=0.9,fr=0.1' names \['fr'\]; the sources are"),
+    "TOML number for a boolean": (toml("compile = 1\n"), r"compile = 1 in .*: expected bool"),
+    "TOML boolean for a number": (toml("seq_len = true\n"), r"seq_len = True in .*: expected int"),
+    "broken TOML": (toml("seq_len = \n"), r"run.toml is not valid TOML \(.*\); fix it"),
+    "preset in TOML": (toml('preset = "demo"\n'), r"a preset is chosen on the command line"),
+    "a source named twice": (flags(mix_1b="ko=0.5,ko=0.5"), r"names 'ko' twice"),
+    "out_dir is a file": (file_as_out_dir, r"out_dir=.*afile is a file, not a folder"),
+    "CP949 corpus": (corpus_bytes("한국어 문서입니다. 둘째 문장입니다.".encode("cp949") * 40),
+                     r"--data_ko: .* is not UTF-8 text \(most of its first bytes are not UTF-8"),
 }
+REFUSED_BEFORE_WRITING = [k for k in BAD_INPUTS if k not in (
+    "unreachable hub base", "no config.json", "missing tensor", "wrong shape",
+    "tokenizer vs model", "other tokenizer", "empty corpus", "no text field", "seq_len too long",
+    "missing base")]
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
@@ -273,6 +308,8 @@ def test_bad_input_is_one_clear_sentence(case, tmp_path, tiny_base, capsys):
     lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
     assert re.search(message, lines[0]), lines[0]
+    if case in REFUSED_BEFORE_WRITING:  # checked before anything was written
+        assert not (tmp_path / "out" / "config.json").exists()
 
 
 def test_debug_flag_shows_the_traceback(tmp_path, tiny_base):
@@ -293,7 +330,7 @@ def test_resume_refuses_breaking_changes_but_allows_safe_ones(tmp_path, tiny_bas
     assert bori.main(tiny_flags(tmp_path, tiny_base, stop_after_steps=2)) == bori.EXIT_INTERRUPTED
     assert bori.main(tiny_flags(tmp_path, tiny_base, new_tokens=301, seq_len=64)) == 2
     err = capsys.readouterr().err
-    assert re.search(r"holds a run made with other settings \(new_tokens: 300 -> 301, "
+    assert re.search(r"holds a run started with other settings \(new_tokens: 300 -> 301, "
                      r"seq_len: 32 -> 64\)", err), err
     assert bori.main(tiny_flags(tmp_path, tiny_base, log_every=5, eval_every=2)) == 0
 
@@ -314,6 +351,8 @@ def test_resume_refuses_another_process_count_or_a_tokenizer_of_another_base(
     emap_path = tmp_path / "tokenizer" / "eeve_map.json"
     emap = json.loads(emap_path.read_text())
     emap_path.write_text(json.dumps({**emap, "base_fingerprint": "another base"}))
+    done = json.loads((tmp_path / "tokenizer" / "DONE.json").read_text())  # a whole folder,
+    checkpoint.write_done(tmp_path / "tokenizer", done)  # as another run would have left it
     assert bori.main(tiny_flags(tmp_path, tiny_base)) == 2
     assert re.search(r"the merged tokenizer in .*tokenizer was built on another base than .*; "
                      r"delete .*tokenizer \(or use a new out_dir\) to rebuild it",
