@@ -28,14 +28,17 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from tokenizers import Tokenizer
 
+import bori
 import data
 import plan
 from base_model import resolve_base
 from convert_gguf import OFFLINE_BASE
+from distributed import DistEnv
 from hf_io import from_pretrained
 from model import expand_vocab, flops_per_token
 from tokenizer import REFERENCE_NEW_TOKENS
@@ -135,37 +138,76 @@ def peak_memory(args, base_dir, device, which: str) -> float:
 
 
 def recipe_steps(args, base_dir, device) -> dict:
-    """The bori preset's training step on random ids; peak memory against the plan."""
+    """bori's own Phase 1B step (accumulation to one GPU's share of the seed's 131,072-token
+    batch, unscale, clip, AdamW) at the seed's settings on random ids; peak memory, allocated
+    and reserved, against the plan. On a GPU larger than a T4 it is capped to a T4's memory."""
     model = from_pretrained(base_dir, pad_vocab_to=64)
     expand_vocab(model, [[0]] * REFERENCE_NEW_TOKENS, "random")  # 58,133 rows; any init does
     model.to(device).train()
     model.grad_checkpointing = True
     amp = device.type == "cuda" or args.amp
     dtype = torch.float16 if amp else torch.float32
-    gpu_gib = (torch.cuda.get_device_properties(device).total_memory / 2**30
-               if device.type == "cuda" else plan.T4_GIB)
-    mb = args.batch if args.batch > 1 else plan.largest_micro_batch(
-        model.cfg, args.seq, True, gpu_gib, dtype, limit=64)
-    step = make_step("ours", torch.compile(model) if args.compile else model, device, amp)
+    gpu_gib = plan.T4_GIB
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory / 2**30
+        torch.cuda.set_per_process_memory_fraction(min(1.0, plan.T4_GIB / total), device)
+    mb = args.batch or plan.largest_micro_batch(model.cfg, args.seq, True, gpu_gib, dtype, 64)
+    accum = args.accum or max(1, 131_072 // 2 // (mb * args.seq))  # one of two GPUs' share
+    cfg = bori.Config(micro_batch=mb, seq_len=args.seq)
+    run = SimpleNamespace(cfg=cfg, env=DistEnv(device=device),
+                          ctx=torch.autocast(device.type, dtype=dtype, enabled=amp))
+    optimizer = bori.make_optimizer(model, cfg, bori.recipe(cfg)[1])
+    t = bori.Training(Path("."), model, torch.compile(model) if args.compile else model,
+                      optimizer, torch.amp.GradScaler(device.type, enabled=amp), None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
     for i in range(args.warmup + args.steps):
-        x = torch.randint(0, model.cfg.vocab_size, (mb, args.seq), device=device)
+        batches = [(x, x.roll(-1, dims=1)) for x in (
+            torch.randint(0, model.cfg.vocab_size, (mb, args.seq)) for _ in range(accum))]
         sync(device)
         t0 = time.perf_counter()
-        step(x, x.roll(-1, dims=1))
+        bori.train_step(run, t, batches)
         sync(device)
         times.append(time.perf_counter() - t0)
-    tok_s = mb * args.seq / statistics.median(times[args.warmup:])
+    tok_s = accum * mb * args.seq / statistics.median(times[args.warmup:])
     flops = flops_per_token(model.cfg, sum(p.numel() for p in model.parameters()), args.seq)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    cuda = device.type == "cuda"
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    reserved = torch.cuda.max_memory_reserved() / 2**30 if cuda else None
     need = plan.memory_plan(model.cfg, args.seq, mb, True, dtype)
-    return {"device": str(device), "compile": args.compile, "micro_batch": mb, "seq": args.seq,
-            "tokens_per_s": tok_s,
+    return {"device": str(device), "compile": args.compile, "micro_batch": mb, "accum": accum,
+            "seq": args.seq, "tokens_per_s": tok_s,
             "mfu": tok_s * flops / (args.peak_tflops * 1e12), "peak_gib": peak,
-            "plan_gib": need["total"],
-            "fits_16gb_t4": None if peak is None else peak <= plan.T4_GIB - plan.CUDA_CONTEXT_GIB}
+            "reserved_gib": reserved, "plan_gib": need["total"],
+            "fits_16gb_t4": None if reserved is None
+            else reserved <= plan.T4_GIB - plan.CUDA_CONTEXT_GIB}
+
+
+def loss_steps(args) -> dict:
+    """The chunked LM-head loss (forward + backward) against F.cross_entropy over full logits,
+    taking turns: N=2048 tokens, the seed's 58,133-token vocabulary padded to 58,176, fp32."""
+    import torch.nn.functional as F
+
+    from loss import cross_entropy_sum
+    torch.manual_seed(0)
+    N, V, C = 2048, plan.SEED_VOCAB, 576
+    h = torch.randn(N, C, requires_grad=True)
+    w = (torch.randn(-(-V // 64) * 64, C) * 0.02).requires_grad_()
+    y = torch.randint(0, V, (N,))
+    steps = {"chunked": lambda: cross_entropy_sum(h, w, y, V) / N,
+             "naive": lambda: F.cross_entropy((h @ w.T)[:, :V], y)}
+    times = {k: [] for k in steps}
+    for r in range(args.rounds + args.warmup):
+        for name, loss in steps.items():
+            t0 = time.perf_counter()
+            loss().backward()
+            if r >= args.warmup:
+                times[name].append(time.perf_counter() - t0)
+            h.grad = w.grad = None
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"chunked_s": med["chunked"], "naive_s": med["naive"],
+            "speedup_over_naive": med["naive"] / med["chunked"]}
 
 
 def packed_tokens_per_s(tokenizer_dir, seconds: float = 10.0) -> float:
@@ -194,7 +236,10 @@ def encode_tokens_per_s(tokenizer_dir, texts: list, repeat: int = 3) -> float:
 def main():
     p = argparse.ArgumentParser(description="ours vs transformers: train-step speed and memory")
     p.add_argument("--base", default=OFFLINE_BASE)
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", type=int, help="micro-batch (default 1; with --recipe the "
+                   "plan's largest)")
+    p.add_argument("--accum", type=int, default=0, help="with --recipe: micro-batches a step "
+                   "(0: one of two T4s' share of the seed's 131,072 tokens)")
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
@@ -204,10 +249,12 @@ def main():
     p.add_argument("--json", help="write the results here")
     p.add_argument("--recipe", action="store_true", help="the bori preset's step vs the plan")
     p.add_argument("--steps", type=int, default=30, help="timed steps with --recipe")
+    p.add_argument("--loss", action="store_true", help="the chunked loss vs full logits")
     p.add_argument("--merged", help="a merged tokenizer folder (out_dir/tokenizer): its Korean "
                    "encoding speed beside the base's")
     p.add_argument("--_peak", help=argparse.SUPPRESS)
     args = p.parse_args()
+    args.batch = args.batch if args.batch is not None else 0 if args.recipe else 1
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     base_dir = resolve_base(args.base)
     if args._peak:  # the subprocess of peak_memory(): train a few steps, print peak RSS
@@ -220,8 +267,8 @@ def main():
         hwm = next(ln for ln in open("/proc/self/status") if ln.startswith("VmHWM"))
         print(int(hwm.split()[1]) / 2**20)  # KiB -> GiB
         return
-    if args.recipe:
-        result = recipe_steps(args, base_dir, device)
+    if args.recipe or args.loss:
+        result = recipe_steps(args, base_dir, device) if args.recipe else loss_steps(args)
         print(", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                         for k, v in result.items()))
         if args.json:

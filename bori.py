@@ -52,7 +52,8 @@ class Config:
     data_en: str = "hf:HuggingFaceTB/smollm-corpus:fineweb-edu-dedup:train"
     text_field: str = "text"
     eval_ko: str = "hf:HuggingFaceFW/fineweb-2:kor_Hang:test"
-    eval_en: str = data.BUNDLED["en_eval"]
+    # the replay's own text; its first eval_bytes are skipped in training: held out
+    eval_en: str = "hf:HuggingFaceTB/smollm-corpus:fineweb-edu-dedup:train"
     eval_bytes: int = 200_000  # UTF-8 bytes of held-out text per language
     # tokenizer and vocabulary expansion
     new_tokens: int = tokenizer.REFERENCE_NEW_TOKENS  # 49,152 + 8,981 = 58,133
@@ -81,7 +82,8 @@ class Config:
     # optimizer (AdamW, Loshchilov & Hutter 2019, arXiv:1711.05101)
     decay_shape: str = "1-sqrt"
     min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
+    weight_decay: float = 0.1  # matrices of the transformer blocks
+    embed_weight_decay: float = 0.1  # the (tied) embedding: every English row shrinks with it
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
@@ -112,6 +114,7 @@ PRESETS = {  # the first is the default
     "bori": {},
     "demo": dict(out_dir="runs/demo", base=OFFLINE_BASE, data_ko=data.BUNDLED["ko_train"],
                  data_en=data.BUNDLED["en_train"], eval_ko=data.BUNDLED["ko_eval"],
+                 eval_en=data.BUNDLED["en_eval"],
                  eval_bytes=4000, tokenizer_bytes=0, seq_len=256, micro_batch=2,
                  batch_tokens=512, steps_1a=30, lr_1a=3e-4, warmup_1a=3, decay_1a=6,
                  steps_1b=30, lr_1b=2e-4, warmup_1b=3, decay_1b=6, grad_checkpointing=False,
@@ -193,11 +196,14 @@ def set_trainable(raw_model: Llama, phase: Phase, n_old_rows: int):
 
 
 def make_optimizer(raw_model: Llama, cfg: Config, phase: Phase):
-    """AdamW: matrices decay, norms don't, nor do frozen old rows (decay would shrink them).
-    Fused: one kernel for all parameters, and GradScaler-aware on CUDA."""
+    """AdamW: matrices decay, norms don't, nor do frozen old rows (decay would shrink them);
+    the embedding has its own decay. Fused: one kernel for all, GradScaler-aware on CUDA."""
     params = [p for p in raw_model.parameters() if p.requires_grad]
-    decay = 0.0 if phase.trains == "new_rows" else cfg.weight_decay
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": decay},
+    embedding = {raw_model.embed_tokens.weight, raw_model.lm_head.weight}
+    groups = [{"params": [p for p in params if p in embedding], "weight_decay":
+               0.0 if phase.trains == "new_rows" else cfg.embed_weight_decay},
+              {"params": [p for p in params if p.ndim >= 2 and p not in embedding],
+               "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=0.0,
                              betas=(cfg.beta1, cfg.beta2), fused=True)
@@ -215,11 +221,13 @@ def setup_phase(run: Run, phase: Phase, start_dir: Path, tok, n_old_rows: int) -
     set_trainable(raw_model, phase, n_old_rows)
     model = raw_model
     if env.world_size > 1:  # wrapped after freezing: DDP fixes its gradient hooks here
-        model = DDP(raw_model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
+        model = DDP(raw_model, device_ids=[env.local_rank] if env.device.type == "cuda" else None,
+                    gradient_as_bucket_view=True)  # the gradients are the buckets: no copy
     model = torch.compile(model) if cfg.compile else model
     optimizer = make_optimizer(raw_model, cfg, phase)
     scaler = torch.amp.GradScaler(env.device.type, enabled=run.amp_dtype == torch.float16)
-    sources = {n: data.Source(n, getattr(cfg, f"data_{n}"), cfg.text_field) for n in ("ko", "en")}
+    sources = {n: data.training_source(n, getattr(cfg, f"data_{n}"), getattr(cfg, f"eval_{n}"),
+                                       cfg.eval_bytes, cfg.text_field) for n in ("ko", "en")}
     mixture = data.Mixture(sources, data.parse_weights(phase.mix), tok,
                            tok.token_to_id(data.EOS_TOKEN), cfg.seq_len, cfg.micro_batch,
                            phase.seed, env.rank, env.world_size)
@@ -303,9 +311,10 @@ def train(run: Run, phase: Phase, t: Training, tok) -> dict:
         while True:
             # evaluate: held-out bits per byte every eval_every steps and after the last one
             if t.step % cfg.eval_every == 0 or t.step == phase.steps:
+                headroom = []  # each layer's fp16 activation peak / fp16's maximum
                 scores = evaluate(t.raw_model, tok, run.evals, cfg.seq_len, env.device,
-                                  run.ctx, env.rank, env.world_size)
-                progress.eval(t.step, scores, mix=t.mixture.realised())
+                                  run.ctx, env.rank, env.world_size, headroom)
+                progress.eval(t.step, scores, mix=t.mixture.realised(), fp16_peak=headroom)
             if t.step == phase.steps:
                 return scores
             # save or stop; never save inside a streak of non-finite steps (keep a good one)
@@ -425,6 +434,8 @@ def main(argv=None) -> int:
         validate(cfg, recipe(cfg), int(os.environ.get("WORLD_SIZE", 1)))
         check_sources(cfg)
         stop = stop_on_signals()
+        # before CUDA starts: the allocator grows segments instead of reserving new ones
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
         env = setup_distributed(cfg.device)
         torch.manual_seed(cfg.seed)
         return run_all(cfg, env, stop)

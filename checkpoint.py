@@ -113,7 +113,9 @@ def load_checkpoint(ckpt: Path, optimizer, scaler, mixture, rank: int, device) -
     optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device,
                                          weights_only=True))
     trainer = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=True)
-    scaler.load_state_dict(trainer.pop("scaler"))
+    scaler_state = trainer.pop("scaler")
+    if scaler_state:  # empty from an fp32 run: an fp16 run resuming it starts a fresh scale
+        scaler.load_state_dict(scaler_state)
     trainer.setdefault("applied", trainer["step"])  # bori before counters saved only the step
     mine = torch.load(ckpt / f"rank{rank}.pt", map_location="cpu", weights_only=True)
     mixture.load_state_dict(mine["data"])

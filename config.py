@@ -163,7 +163,7 @@ FIXED_BY_STAGE = {
                   "tokenizer_data", "tokenizer_bytes"),
     "init": ("init", "eval_ko", "eval_en", "eval_bytes"),
     "phase1a": ("data_en", "pad_vocab_to", "seq_len", "micro_batch", "batch_tokens", "mix_1a",
-                "mix_1b", "new_rows_only", "seed", "dtype"),
+                "mix_1b", "new_rows_only", "seed"),
 }
 # What a finished run may be run again with: settings that change no result
 NO_RESULT = ("out_dir", "debug", "log_every", "max_hours", "stop_after_steps", "keep_ckpts",

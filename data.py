@@ -30,6 +30,7 @@ class Source:
     name: str
     path: str  # "hf:dataset[:config[:split]]", or a local file, folder or glob
     text_field: str = "text"
+    skip: int = 0  # examples at its start left out: the held-out ones, when it is also eval's
 
 
 def parse_weights(spec: str) -> dict:
@@ -67,6 +68,7 @@ def open_source(src: Source, rank: int = 0, world_size: int = 1):
         else:
             ds = IterableDataset.from_generator(
                 read_local, gen_kwargs={"files": files, "text_field": src.text_field})
+    ds = ds.skip(src.skip) if src.skip else ds
     return split_dataset_by_node(ds, rank, world_size) if world_size > 1 else ds
 
 
@@ -95,24 +97,33 @@ def iter_texts(paths: list, text_field: str = "text", progress: bool = False):
         yield from (text for text, _ in iter_pieces(path, text_field, progress))
 
 
-def eval_docs(path: str, max_bytes: int, text_field: str = "text") -> list:
-    """The first documents of path holding at most max_bytes of UTF-8 (a fixed eval set)."""
-    docs, total, parts = [], 0, []
+def eval_docs(path: str, max_bytes: int, text_field: str = "text", count: bool = False):
+    """The first documents of path holding at most max_bytes of UTF-8 (a fixed eval set); with
+    count, also how many of the source's examples they take (a training stream of the same
+    source skips them: held out by construction)."""
+    docs, total, parts, examples = [], 0, [], 0
     for piece, doc_end in iter_pieces(path, text_field):
         parts.append(piece)
         if not doc_end and sum(map(len, parts)) <= max_bytes:  # chars <= bytes: read on
             continue
-        text, parts = "".join(parts), []
+        text, n_parts, parts = "".join(parts), len(parts), []
         size = len(text.encode("utf-8"))
         if total + size > max_bytes:
             if not docs:  # a single long document: cut at a character boundary
                 docs.append(text.encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore"))
+                examples += n_parts
             break
         docs.append(text)
-        total += size
+        total, examples = total + size, examples + n_parts
     if not docs or not any(d.strip() for d in docs):
         raise ValueError(f"eval source {path!r} has no text")
-    return docs
+    return (docs, examples) if count else docs
+
+def training_source(name: str, path: str, eval_path: str, eval_bytes: int, text_field: str):
+    """A source to train on. When its eval set reads the same source, the examples that set
+    took are skipped: held out by construction, not by hope."""
+    skip = eval_docs(path, eval_bytes, text_field, count=True)[1] if path == eval_path else 0
+    return Source(name, path, text_field, skip)
 
 # ----------------------------------------------------------------------------------------------
 # Packing and the mixture

@@ -108,6 +108,14 @@ def autocast(dtype: str, device: torch.device):
     return torch.autocast(device.type, dtype=getattr(torch, name)), getattr(torch, name)
 
 
+def all_max(values: list, device) -> list:
+    """Element-wise maximum over ranks."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
 def shutdown():
     if dist.is_initialized():
         dist.destroy_process_group()

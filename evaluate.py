@@ -10,40 +10,62 @@ import torch
 from tokenizers import Tokenizer
 
 from data import EOS_TOKEN
-from distributed import all_sum
+from distributed import all_max, all_sum
 from loss import IGNORE_INDEX
+from model import watch_fp16_headroom
 from tokenizer import token_bytes
 
 
-@torch.no_grad()
-def bits_per_byte(model, tok, texts: list, seq_len: int, device, ctx, rank=0, world_size=1):
-    """Bits per UTF-8 byte of texts, windows split across ranks.
+def windows(n_tokens: int, seq_len: int, stride: int) -> list:
+    """(start, end, first scored) windows over a document of n_tokens (its EOS start
+    included): each predicts the tokens from `first scored` to end, every token once, and each
+    prediction sees at least seq_len - stride tokens of context when the document has them."""
+    out, scored = [], 1  # token 0 is the EOS the document starts from: not predicted
+    while scored < n_tokens:
+        end = min(scored + stride if out else seq_len + 1, n_tokens)
+        out.append((max(0, end - seq_len - 1), end, scored))
+        scored = end
+    return out
 
-    The documents are joined as in training (EOS before each one); windows of seq_len
-    predictions cover every token once, and EOS targets are skipped: they are not text."""
-    eos = tok.token_to_id(EOS_TOKEN)
-    ids = [eos]
-    for enc in tok.encode_batch(texts, add_special_tokens=False):
-        ids += enc.ids + [eos]
-    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+
+@torch.no_grad()
+def bits_per_byte(model, tok, texts: list, seq_len: int, device, ctx, rank=0, world_size=1,
+                  stride: int = 0):
+    """Bits per UTF-8 byte of texts, each document scored from its own start.
+
+    A document is [EOS] + its tokens, as in training, where documents follow an EOS, and no
+    document sees another's tokens. One longer than seq_len is scored in windows of seq_len
+    tokens that move on by stride (default seq_len // 2), each scoring only its new tokens:
+    every token is predicted once with at least seq_len - stride tokens of context (the
+    sliding window of Press et al. 2021, arXiv:2108.12409). Windows are split across ranks."""
+    eos, stride = tok.token_to_id(EOS_TOKEN), stride or max(seq_len // 2, 1)
+    docs = [[eos] + enc.ids for enc in tok.encode_batch(texts, add_special_tokens=False)]
+    jobs = [(d, *w) for d, ids in enumerate(docs) for w in windows(len(ids), seq_len, stride)]
     was_training, total = model.training, 0.0
     model.eval()
-    for start in range(0, len(ids) - 1, seq_len)[rank::world_size]:
-        window = torch.tensor(ids[start:start + seq_len + 1], device=device)
+    for d, start, end, first in jobs[rank::world_size]:
+        window = torch.tensor(docs[d][start:end], device=device)
         x, y = window[None, :-1], window[None, 1:].clone()
-        y[y == eos] = IGNORE_INDEX
+        y[:, :first - start - 1] = IGNORE_INDEX  # predicted by the window before
+        y.masked_fill_(y == eos, IGNORE_INDEX)  # an EOS written in the text is not text
         with ctx:
             total += model(x, y, reduction="sum").item()
     model.train(was_training)
     if world_size > 1:
         total = all_sum([total], device)[0]
-    return total / (math.log(2) * n_bytes)
+    return total / (math.log(2) * sum(len(t.encode("utf-8")) for t in texts))
 
 
-def evaluate(model, tok, evals: dict, seq_len: int, device, ctx, rank=0, world_size=1) -> dict:
-    """{'ko_bpb': ..., 'en_bpb': ...} for evals = {'ko': texts, 'en': texts}."""
-    return {f"{lang}_bpb": bits_per_byte(model, tok, texts, seq_len, device, ctx, rank,
-                                         world_size) for lang, texts in evals.items()}
+def evaluate(model, tok, evals: dict, seq_len: int, device, ctx, rank=0, world_size=1,
+             headroom: list = None) -> dict:
+    """{'ko_bpb': ..., 'en_bpb': ...} for evals = {'ko': texts, 'en': texts}. A list passed as
+    headroom is filled with each layer's peak fp16 activation as a fraction of fp16's maximum."""
+    with watch_fp16_headroom(model) as fractions:
+        scores = {f"{lang}_bpb": bits_per_byte(model, tok, texts, seq_len, device, ctx, rank,
+                                               world_size) for lang, texts in evals.items()}
+    if headroom is not None:
+        headroom += all_max(fractions, device) if world_size > 1 else fractions
+    return scores
 
 
 @torch.no_grad()

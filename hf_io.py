@@ -78,6 +78,7 @@ def load_hf_state(model: Llama, state: dict, source: str = "state dict"):
                 raise ValueError(f"{source}: tensor {key!r} has shape {tuple(tensor.shape)}, "
                                  f"config.json implies {shape}; the weights and config differ")
             param[:shape[0]].copy_(tensor)
+            param[shape[0]:].zero_()  # padding rows: no random row that anything could emit
 
 
 def read_safetensors(path: Path) -> dict:

@@ -10,6 +10,7 @@ arXiv:2302.13971.
 """
 import dataclasses
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -120,6 +121,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=False)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * hd, cfg.dim, bias=False)
+        self.peaks = None  # a list while watched (watch_fp16_headroom)
 
     def forward(self, x, cos, sin, cache=None, start=0):
         B, T, C = x.shape
@@ -127,6 +129,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, KV, hd).transpose(1, 2)  # (B, KV, T, hd)
         v = self.v_proj(x).view(B, T, KV, hd).transpose(1, 2)
+        note_peaks(self, q, k, v)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, start, k, v)  # (B, KV, start+T, hd)
@@ -137,7 +140,31 @@ class Attention(nn.Module):
         else:  # T new queries after `start` cached positions: query i sees keys 0..start+i
             mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
+        return residual_linear(self.o_proj, y.transpose(1, 2).reshape(B, T, C))
+
+
+FP16_MAX = 65504.0
+
+
+def note_peaks(module: nn.Module, *tensors):
+    """While watched, note the largest |value| of tensors that stay fp16 under autocast."""
+    if module.peaks is not None:
+        module.peaks.append(torch.stack([t.detach().abs().amax().float() for t in tensors]).max())
+
+
+def residual_linear(linear: nn.Linear, x):
+    """linear(x) for a branch added to the residual stream, returned in fp32 under fp16 autocast.
+
+    There its fp16 output could pass fp16's largest number (SmolLM2's layer-11 MLP output
+    reaches ~30,000 of 65,504, and GradScaler cannot repair a forward overflow). So the input
+    is first scaled by a power of two (exact) that keeps the output's bound,
+    max|x| * max_i sum_j |W_ij|, under 2^15, and the output is scaled back in fp32."""
+    device = x.device.type
+    if not (torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16):
+        return linear(x)
+    bound = x.detach().abs().amax().float() * linear.weight.detach().abs().sum(1).amax().float()
+    scale = torch.exp2(torch.floor(torch.log2(2.0**15 / bound.clamp_min(1e-30)))).clamp(max=1.0)
+    return linear(x * scale.to(x.dtype)).float() / scale
 
 
 class MLP(nn.Module):
@@ -148,9 +175,13 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+        self.peaks = None  # a list while watched (watch_fp16_headroom)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        note_peaks(self, gate, up)
+        # the product in fp32: under fp16 it could overflow before down_proj scales it
+        return residual_linear(self.down_proj, F.silu(gate.float()) * up.float())
 
 
 class Block(nn.Module):
@@ -164,6 +195,24 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, cache=None, start=0):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+@contextmanager
+def watch_fp16_headroom(model):
+    """Within the block, note per layer the largest |activation| that stays fp16 under autocast
+    (q, k, v and the MLP's gate and up: what writes to the residual stream is kept in range by
+    residual_linear); yields a list filled on leaving with each layer's peak / fp16's max."""
+    modules = [(b.self_attn, b.mlp) for b in model.layers]
+    for attn, mlp in modules:
+        attn.peaks, mlp.peaks = [], []
+    fractions = []
+    try:
+        yield fractions
+    finally:
+        for attn, mlp in modules:
+            peaks = attn.peaks + mlp.peaks
+            attn.peaks = mlp.peaks = None
+            fractions.append(float(torch.stack(peaks).max()) / FP16_MAX if peaks else 0.0)
 
 # ----------------------------------------------------------------------------------------------
 # The model
@@ -256,37 +305,42 @@ def sample(logits, temperature: float, top_k: int = 0, top_p: float = 1.0, gener
 
 
 def expand_vocab(model: Llama, pieces: list, init: str = "eeve", seed: int = 0):
-    """Append len(pieces) rows to the (tied) embedding; pieces[i] lists base ids of new token i.
+    """Append len(pieces) rows to the embedding and LM head; pieces[i] lists base ids of new
+    token i.
 
-    eeve: each new row is the mean of its pieces' rows (Kim et al. 2024, arXiv:2402.14714);
-    mean: the mean of all base rows; random: normal with the base rows' standard deviation."""
-    cfg, old = model.cfg, model.embed_tokens.weight.detach()[:model.cfg.vocab_size]
-    n_new = len(pieces)
-    if init == "eeve":
-        if any(not p or max(p) >= cfg.vocab_size or min(p) < 0 for p in pieces):
-            raise ValueError(f"an EEVE piece list is empty or names an id outside the base "
-                             f"vocabulary of {cfg.vocab_size}; was the tokenizer merged into "
-                             "another base?")
-        ids = torch.tensor([i for p in pieces for i in p], device=old.device)
-        owner = torch.repeat_interleave(torch.arange(n_new, device=old.device),
-                                        torch.tensor([len(p) for p in pieces], device=old.device))
-        sums = torch.zeros(n_new, cfg.dim, device=old.device).index_add_(0, owner, old[ids].float())
-        rows = sums / torch.bincount(owner, minlength=n_new)[:, None]
-    elif init == "mean":
-        rows = old.float().mean(0).expand(n_new, -1)
-    elif init == "random":
-        gen = torch.Generator().manual_seed(seed)
-        rows = (torch.randn(n_new, cfg.dim, generator=gen) * old.float().std()).to(old.device)
-    else:
+    eeve (Kim et al. 2024, arXiv:2402.14714): an input row is the mean of its pieces' rows, an
+    output row is the first piece's output row. With tied embeddings (SmolLM2) one row serves
+    both, and it is the mean. mean: the mean of all base rows; random: normal with the base
+    rows' standard deviation."""
+    cfg, n_new = model.cfg, len(pieces)
+    if init == "eeve" and any(not p or max(p) >= cfg.vocab_size or min(p) < 0 for p in pieces):
+        raise ValueError(f"an EEVE piece list is empty or names an id outside the base "
+                         f"vocabulary of {cfg.vocab_size}; was the tokenizer merged into "
+                         "another base?")
+    if init not in ("eeve", "mean", "random"):
         raise ValueError(f"unknown init {init!r}; choose eeve, mean or random")
-    model.cfg = new = dataclasses.replace(cfg, vocab_size=cfg.vocab_size + n_new)
-    old_head = None if cfg.tie_embeddings else model.lm_head.weight.detach()[:cfg.vocab_size]
-    for name, base in (("embed_tokens", old), ("lm_head", old_head)):
-        if base is None:
-            continue
+    gen = torch.Generator().manual_seed(seed)
+    new = dataclasses.replace(cfg, vocab_size=cfg.vocab_size + n_new)
+    for name in ("embed_tokens", "lm_head") if not cfg.tie_embeddings else ("embed_tokens",):
+        old = getattr(model, name).weight.detach()[:cfg.vocab_size]
+        if init == "eeve" and name == "lm_head":
+            rows = old[[p[0] for p in pieces]].float()
+        elif init == "eeve":
+            ids = torch.tensor([i for p in pieces for i in p], device=old.device)
+            owner = torch.repeat_interleave(torch.arange(n_new, device=old.device),
+                                            torch.tensor([len(p) for p in pieces],
+                                                         device=old.device))
+            sums = torch.zeros(n_new, cfg.dim, device=old.device).index_add_(
+                0, owner, old[ids].float())
+            rows = sums / torch.bincount(owner, minlength=n_new)[:, None]
+        elif init == "mean":
+            rows = old.float().mean(0).expand(n_new, -1)
+        else:
+            rows = (torch.randn(n_new, cfg.dim, generator=gen) * old.float().std()).to(old.device)
         weight = torch.zeros(new.padded_vocab_size, cfg.dim, dtype=old.dtype, device=old.device)
-        weight[:cfg.vocab_size], weight[cfg.vocab_size:new.vocab_size] = base, rows
+        weight[:cfg.vocab_size], weight[cfg.vocab_size:new.vocab_size] = old, rows
         getattr(model, name).weight = nn.Parameter(weight)
+    model.cfg = new
     if new.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.embed_tokens.num_embeddings = model.lm_head.out_features = new.padded_vocab_size

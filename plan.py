@@ -1,11 +1,13 @@
 """Memory plan: what one GPU holds while training, worked out before anything is allocated.
 
-    python plan.py [--gpu_gib=15] [--seq_len=2048] [--vocab=58133] [--dtype=float16]
+    python plan.py [--gpu_gib=14.75] [--seq_len=2048] [--vocab=58133] [--dtype=float16]
 
 Weights, gradients and AdamW state are counted exactly; activations are measured: one decoder
 block runs on the CPU at two sequence lengths under the training dtype, and the bytes autograd
 saves per extra token are scaled to the real batch. With checkpointing a block keeps only its
-fp32 input, and one block at a time is recomputed during backward.
+fp32 input, and one block at a time is recomputed during backward. Under DDP the gradients are
+the communication buckets themselves (gradient_as_bucket_view=True), so buckets cost nothing.
+The sum gets a stated 10% margin for the caching allocator.
 """
 import argparse
 import dataclasses
@@ -17,16 +19,18 @@ import torch
 from atomic import disk_errors, write_json
 from checkpoint import read_json
 from distributed import print0
+from errors import warn
 from hf_io import config_from_hf
 from loss import loss_chunk_rows
 from model import PRESETS, Block, ModelConfig, preset, rope_tables
 from tokenizer import REFERENCE_NEW_TOKENS
 
 GIB = 2**30
-T4_GIB = 15.0  # what a 16 GB T4 reports as its total memory
+# torch.cuda.get_device_properties().total_memory of a 16 GB T4: 15,835,398,144 bytes
+T4_GIB = 14.75
 SEED_VOCAB = PRESETS["smollm2-135m"].vocab_size + REFERENCE_NEW_TOKENS  # 58,133
 CUDA_CONTEXT_GIB = 0.5  # driver and kernels, outside PyTorch's allocator (~0.3-0.5 GiB on a T4)
-FRAGMENTATION = 1.10  # allocator slack on top of what the tensors need
+MARGIN = 1.10  # the stated margin for the caching allocator's reserve, on top of the tensors
 
 
 def saved_bytes_per_token(cfg: ModelConfig, dtype) -> float:
@@ -70,21 +74,23 @@ def memory_plan(cfg: ModelConfig, seq_len: int, micro_batch: int, checkpointing:
         activations = cfg.n_layers * tokens * cfg.dim * 4 + per_block
     else:
         activations = cfg.n_layers * per_block
-    half = 2 if dtype != torch.float32 else 0
-    rows = min(tokens, loss_chunk_rows(cfg.vocab_size))
+    half, vocab_rows = (2 if dtype != torch.float32 else 0), cfg.padded_vocab_size
+    rows = min(tokens, loss_chunk_rows(vocab_rows))
     parts = {
         "weights (fp32 master)": 4 * n_params,
-        "weights (autocast copies)": half * (n_params - cfg.padded_vocab_size * cfg.dim),
+        "weights (autocast copies)": half * n_params,  # cached for the step, the head's too
         "gradients (fp32)": 4 * n_params,
         "AdamW moments (fp32)": 8 * n_params,
         "activations": activations,
         "backward working set": per_block,  # gradients of one block's activations at a time
         # one chunk of logits in fp16 and fp32, its softmax, and dh, dW kept for backward
-        "logits and loss": rows * cfg.vocab_size * (half + 8 + half) + tokens * cfg.dim * 4
-        + 4 * cfg.padded_vocab_size * cfg.dim,
+        "logits and loss": rows * vocab_rows * (half + 8 + half) + tokens * cfg.dim * 4
+        + 4 * vocab_rows * cfg.dim,
+        # the head's and the embedding's (V, C) gradients, before autograd sums them
+        "embedding gradients": 2 * 4 * vocab_rows * cfg.dim,
     }
     plan = {k: v / GIB for k, v in parts.items()}
-    plan["total"] = sum(plan.values()) * FRAGMENTATION
+    plan["total"] = sum(plan.values()) * MARGIN
     return plan
 
 
@@ -101,9 +107,15 @@ def format_plan(plan: dict, gpu_gib: float, micro_batch: int, best: int, where: 
     lines += [f"  {k:<28}{v:>7.2f} GiB" for k, v in plan.items() if k != "total"]
     usable = gpu_gib - CUDA_CONTEXT_GIB
     verdict = "fits" if plan["total"] <= usable else "DOES NOT FIT"
-    lines.append(f"  {'total (+10% slack)':<28}{plan['total']:>7.2f} GiB of {usable:.1f} usable "
+    lines.append(f"  {'total (+10% margin)':<28}{plan['total']:>7.2f} GiB of {usable:.1f} usable "
                  f"on {where}: {verdict}; the largest micro_batch that fits is {best}")
     return "\n".join(lines)
+
+
+def compile_warning(capability: tuple) -> str:
+    return (f"compile=true on a GPU of compute capability {capability[0]}.{capability[1]} (a T4 "
+            "is 7.5): recent Triton supports only 8.0 and later well, so compiling may fail or "
+            "run slower; compile=false is the safe choice there")
 
 
 def plan_for_run(cfg, env, model_dir: Path, dtype) -> int:
@@ -125,6 +137,8 @@ def plan_for_run(cfg, env, model_dir: Path, dtype) -> int:
     need = memory_plan(model_cfg, cfg.seq_len, micro_batch, cfg.grad_checkpointing, dtype)
     where = str(env.device) if on_gpu else f"a {gpu_gib:g} GiB GPU such as a T4"
     print0(env, format_plan(need, gpu_gib, micro_batch, best, where))
+    if on_gpu and cfg.compile and torch.cuda.get_device_capability(env.device) < (8, 0):
+        warn(compile_warning(torch.cuda.get_device_capability(env.device)))
     usable = gpu_gib - CUDA_CONTEXT_GIB
     if on_gpu and need["total"] > usable:
         raise ValueError(f"micro_batch={micro_batch} needs about {need['total']:.1f} GiB per GPU, "
@@ -145,7 +159,7 @@ if __name__ == "__main__":
     p.add_argument("--vocab", type=int, default=SEED_VOCAB)
     p.add_argument("--seq_len", type=int, default=2048)
     p.add_argument("--micro_batch", type=int, default=0, help="0: the largest that fits")
-    p.add_argument("--gpu_gib", type=float, default=T4_GIB, help="a 16 GB T4 reports 15 GiB")
+    p.add_argument("--gpu_gib", type=float, default=T4_GIB, help="a 16 GB T4: 14.75 GiB")
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     p.add_argument("--no_checkpointing", action="store_true")
     a = p.parse_args()

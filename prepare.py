@@ -69,8 +69,11 @@ def stage_init(run, base_dir: Path):
     emap = read_json(tok_dir / "eeve_map.json", f"delete {tok_dir} to rebuild it")
     check_merged_tokenizer(base_dir, base_tok, base.cfg.vocab_size, tok_dir, emap)
     run.metrics.truncate_after("base", 0)
-    scores = evaluate(base, base_tok, run.evals, cfg.seq_len, run.env.device, run.ctx)
-    run.metrics.log(kind="eval", phase="base", step=0, **scores)
+    headroom = []
+    scores = evaluate(base, base_tok, run.evals, cfg.seq_len, run.env.device, run.ctx,
+                      headroom=headroom)
+    run.metrics.log(kind="eval", phase="base", step=0, **scores,
+                    fp16_peak=[round(p, 4) for p in headroom])
     print("base model: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()), flush=True)
     expand_vocab(base, emap["pieces"], cfg.init, cfg.seed)
     export_folder(base, tok_dir, init_dir)

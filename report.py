@@ -12,6 +12,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from atomic import atomic_file, disk_errors, write_text
+from errors import warn
 from checkpoint import read_json
 
 
@@ -41,13 +42,16 @@ class Metrics:
                                           for r in keep))
 
 
+FP16_WARN = 0.5  # a peak above half of fp16's range leaves less than one doubling of headroom
+
+
 class Progress:
     """A phase's progress for people, rank 0's: a tqdm bar (closed however the phase ends, so
     that a message after it starts on a line of its own), with every record in metrics.jsonl."""
 
     def __init__(self, metrics: Metrics, phase: str, steps: int, step: int, log_every: int,
                  show: bool):
-        self.metrics, self.phase, self.log_every = metrics, phase, log_every
+        self.metrics, self.phase, self.log_every, self.show = metrics, phase, log_every, show
         self.bar = tqdm(total=steps, initial=step, desc=f"phase {phase}", disable=not show)
 
     def __enter__(self):
@@ -56,10 +60,16 @@ class Progress:
     def __exit__(self, *exc):
         self.bar.close()
 
-    def eval(self, step: int, scores: dict, **extra):
-        self.metrics.log(kind="eval", phase=self.phase, step=step, **scores, **extra)
+    def eval(self, step: int, scores: dict, fp16_peak: list, **extra):
+        self.metrics.log(kind="eval", phase=self.phase, step=step, **scores,
+                         fp16_peak=[round(p, 4) for p in fp16_peak], **extra)
         self.bar.write(f"phase {self.phase} step {step}: "
                        + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+        layer = max(range(len(fp16_peak)), key=fp16_peak.__getitem__, default=None)
+        if self.show and layer is not None and fp16_peak[layer] > FP16_WARN:
+            warn(f"layer {layer}'s MLP activations reach {fp16_peak[layer]:.0%} of fp16's "
+                 "largest number: an fp16 run will overflow there if they grow on (lower "
+                 "the learning rate, or use dtype=float32)")
 
     def train(self, step: int, **record):
         self.metrics.log(kind="train", phase=self.phase, step=step, **record)
@@ -155,6 +165,7 @@ def model_card(run: Path) -> str:
     """README.md for the exported model, every number taken from the run's records."""
     cfg = read_json(run / "config.json", "run bori again with the run's settings to rewrite it")
     tok, init, p1a, p1b = (done(run, s) for s in ("tokenizer", "init", "phase1a", "phase1b"))
+    tied = read_json(run / "init" / "config.json", f"delete {run / 'init'}")["tie_word_embeddings"]
     base_bpb = init["base_bpb"]
     ko = tok.get("ko", {})
     gain = (ko["merged"]["chars_per_token"] / ko["base"]["chars_per_token"]) if ko else None
@@ -177,7 +188,9 @@ def model_card(run: Path) -> str:
                      f"({gain:.2f}x fewer tokens)")
     lines += [
         f"- new embedding rows initialised with `{cfg['init']}` (EEVE: the mean of the base "
-        "embeddings of each new token's pieces)", "",
+        "embeddings of each new token's pieces); " + (
+            "the embedding is tied to the LM head, so the same row is also the token's output row"
+            if tied else "the LM head's new rows start from each token's first piece's row"), "",
         "## Training", "",
         "| phase | trains | data | steps | tokens |", "|---|---|---|---|---|",
         f"| 1A | embeddings only | {cfg['mix_1a']} | {p1a['steps']:,} | {p1a['tokens']:,} |",
