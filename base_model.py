@@ -1,9 +1,14 @@
-"""The base model a run starts from: found, converted if needed, and checked before any stage.
+"""Where a run's inputs come from: the base model (found, converted if needed, checked before
+any stage) and a quick look that every hub source can be reached.
 
 A base is the offline SmolLM2-135M-Instruct GGUF (`smollm2-135m-instruct-gguf`), any `.gguf`
 file, a local Hugging Face folder, or a hub id such as HuggingFaceTB/SmolLM2-135M.
 """
 import json
+import os
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from atomic import sha256_file
@@ -29,7 +34,7 @@ def resolve_base(spec: str, cache_dir=CACHE_DIR) -> Path:
     path = Path(spec).expanduser()
     if path.is_dir():
         return path
-    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+    if is_hub_id(spec):
         from huggingface_hub import snapshot_download  # comes with datasets
         try:
             return Path(snapshot_download(spec, allow_patterns=[
@@ -69,3 +74,44 @@ def check_merged_tokenizer(base_dir: Path, base_tok, n_rows: int, tok_dir: Path,
             fingerprint(json.loads(base_tok.to_str()))):
         raise ValueError(f"the merged tokenizer in {tok_dir} was built on another base than "
                          f"{base_dir}; delete {tok_dir} (or use a new out_dir) to rebuild it")
+
+
+HUB_TIMEOUT_S = 5  # one request per source, no retries: an offline machine answers at once
+
+
+def is_hub_id(spec: str) -> bool:
+    return spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and \
+        not Path(spec).expanduser().exists() and not spec.endswith(".gguf")
+
+
+def check_hub(sources: dict):
+    """Every hub source ({flag: spec}: hf:NAME... datasets and base model ids) answers within
+    HUB_TIMEOUT_S, or one sentence names the first that does not and the offline way out.
+    Skipped with HF_HUB_OFFLINE=1 (a cached base model is then used as it is)."""
+    urls = {}
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    for flag, spec in sources.items():
+        if spec.startswith("hf:"):
+            urls[flag] = (spec, f"{endpoint}/api/datasets/{spec[3:].split(':')[0].split('#')[0]}")
+        elif flag == "base" and is_hub_id(spec):
+            urls[flag] = (spec, f"{endpoint}/api/models/{spec}")
+    if not urls or os.environ.get("HF_HUB_OFFLINE") == "1":
+        return
+
+    def reach(url: str) -> str:
+        try:
+            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"),
+                                   timeout=HUB_TIMEOUT_S).close()
+            return ""
+        except urllib.error.HTTPError as e:
+            return f"HTTP {e.code}" if e.code != 401 else "HTTP 401: gated or private, log in"
+        except (urllib.error.URLError, OSError) as e:  # no network, DNS, refused, timed out
+            return str(getattr(e, "reason", e))
+    with ThreadPoolExecutor(len(urls)) as pool:
+        answers = dict(zip(urls, pool.map(reach, [url for _, url in urls.values()])))
+    for flag, problem in answers.items():
+        if problem:
+            raise FileNotFoundError(
+                f"--{flag}: could not reach {urls[flag][0]!r} on the Hugging Face hub "
+                f"({problem}); offline, run --preset=demo, or point --data_ko, --data_en, "
+                "--eval_ko, --eval_en and --base at local files and folders")

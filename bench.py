@@ -1,6 +1,6 @@
 """Side-by-side benchmark: our train step vs transformers' LlamaForCausalLM, memory, data, MFU.
 
-    python bench.py [--batch 1] [--seq 512] [--rounds 7] [--compile] [--json out.json]
+    python bench.py [--batch 1] [--seq_len 512] [--rounds 7] [--compile] [--json out.json]
 
 Both models hold the same SmolLM2-135M weights (the converted offline base unless --base says
 otherwise), dtype, batch and sequence, and take turns in one process, so that machine noise hits
@@ -84,7 +84,7 @@ def sync(device):
 def time_steps(args, base_dir, device) -> dict:
     """Rotate the three steps, `rounds` timed steps each after a warm-up."""
     torch.manual_seed(0)
-    x = torch.randint(0, BASE_VOCAB, (args.batch, args.seq), device=device)
+    x = torch.randint(0, BASE_VOCAB, (args.batch, args.seq_len), device=device)
     y = x.roll(-1, dims=1)  # ours is given targets; transformers shifts the labels itself
     ours, ref = load("ours", base_dir, device), load("reference", base_dir, device)
     steps = {"ours": make_step("ours", ours, device, args.amp),
@@ -109,13 +109,13 @@ def time_steps(args, base_dir, device) -> dict:
     for w, ts in times.items():
         med = statistics.median(ts)
         out[w] = {"median_s": med, "min_s": min(ts), "max_s": max(ts),
-                  "tokens_per_s": args.batch * args.seq / med}
+                  "tokens_per_s": args.batch * args.seq_len / med}
     ours_row, same_row = ("ours+compile", "reference+fus+compile") if args.compile else (
         "ours", "reference+fus")
     out["speedup"] = out[ours_row]["tokens_per_s"] / out["reference"]["tokens_per_s"]
     out["speedup_model"] = out[ours_row]["tokens_per_s"] / out[same_row]["tokens_per_s"]
     out["speedup_eager"] = out["ours"]["tokens_per_s"] / out["reference"]["tokens_per_s"]
-    flops = flops_per_token(ours.cfg, sum(p.numel() for p in ours.parameters()), args.seq)
+    flops = flops_per_token(ours.cfg, sum(p.numel() for p in ours.parameters()), args.seq_len)
     out["mfu_ours"] = out[ours_row]["tokens_per_s"] * flops / (args.peak_tflops * 1e12)
     return out
 
@@ -127,13 +127,13 @@ def peak_memory(args, base_dir, device, which: str) -> float:
         torch.cuda.reset_peak_memory_stats()
         model = load(which, base_dir, device)
         step = make_step(which, model, device, args.amp)
-        x = torch.randint(0, BASE_VOCAB, (args.batch, args.seq), device=device)
+        x = torch.randint(0, BASE_VOCAB, (args.batch, args.seq_len), device=device)
         for _ in range(2):
             step(x, x.roll(-1, dims=1))
         del model, step
         return torch.cuda.max_memory_allocated() / 2**30
     cmd = [sys.executable, __file__, f"--_peak={which}", f"--batch={args.batch}",
-           f"--seq={args.seq}", f"--base={args.base}"]
+           f"--seq_len={args.seq_len}", f"--base={args.base}"]
     return float(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
 
 
@@ -151,9 +151,9 @@ def recipe_steps(args, base_dir, device) -> dict:
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory / 2**30
         torch.cuda.set_per_process_memory_fraction(min(1.0, plan.T4_GIB / total), device)
-    mb = args.batch or plan.largest_micro_batch(model.cfg, args.seq, True, gpu_gib, dtype, 64)
-    accum = args.accum or max(1, 131_072 // 2 // (mb * args.seq))  # one of two GPUs' share
-    cfg = bori.Config(micro_batch=mb, seq_len=args.seq)
+    mb = args.batch or plan.largest_micro_batch(model.cfg, args.seq_len, True, gpu_gib, dtype, 64)
+    accum = args.accum or max(1, 131_072 // 2 // (mb * args.seq_len))  # one of two GPUs' share
+    cfg = bori.Config(micro_batch=mb, seq_len=args.seq_len)
     run = SimpleNamespace(cfg=cfg, env=DistEnv(device=device),
                           ctx=torch.autocast(device.type, dtype=dtype, enabled=amp))
     optimizer = bori.make_optimizer(model, cfg, bori.recipe(cfg)[1])
@@ -164,20 +164,20 @@ def recipe_steps(args, base_dir, device) -> dict:
     times = []
     for i in range(args.warmup + args.steps):
         batches = [(x, x.roll(-1, dims=1)) for x in (
-            torch.randint(0, model.cfg.vocab_size, (mb, args.seq)) for _ in range(accum))]
+            torch.randint(0, model.cfg.vocab_size, (mb, args.seq_len)) for _ in range(accum))]
         sync(device)
         t0 = time.perf_counter()
         bori.train_step(run, t, batches)
         sync(device)
         times.append(time.perf_counter() - t0)
-    tok_s = accum * mb * args.seq / statistics.median(times[args.warmup:])
-    flops = flops_per_token(model.cfg, sum(p.numel() for p in model.parameters()), args.seq)
+    tok_s = accum * mb * args.seq_len / statistics.median(times[args.warmup:])
+    flops = flops_per_token(model.cfg, sum(p.numel() for p in model.parameters()), args.seq_len)
     cuda = device.type == "cuda"
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     reserved = torch.cuda.max_memory_reserved() / 2**30 if cuda else None
-    need = plan.memory_plan(model.cfg, args.seq, mb, True, dtype)
+    need = plan.memory_plan(model.cfg, args.seq_len, mb, True, dtype)
     return {"device": str(device), "compile": args.compile, "micro_batch": mb, "accum": accum,
-            "seq": args.seq, "tokens_per_s": tok_s,
+            "seq": args.seq_len, "tokens_per_s": tok_s,
             "mfu": tok_s * flops / (args.peak_tflops * 1e12), "peak_gib": peak,
             "reserved_gib": reserved, "plan_gib": need["total"],
             "fits_16gb_t4": None if reserved is None
@@ -235,17 +235,17 @@ def encode_tokens_per_s(tokenizer_dir, texts: list, repeat: int = 3) -> float:
 
 def main():
     p = argparse.ArgumentParser(description="ours vs transformers: train-step speed and memory")
-    p.add_argument("--base", default=OFFLINE_BASE)
+    p.add_argument("--base", default=OFFLINE_BASE, help="the model both steps train")
     p.add_argument("--batch", type=int, help="micro-batch (default 1; with --recipe the "
                    "plan's largest)")
     p.add_argument("--accum", type=int, default=0, help="with --recipe: micro-batches a step "
                    "(0: one of two T4s' share of the seed's 131,072 tokens)")
-    p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--seq_len", type=int, default=512, help="tokens per sequence")
+    p.add_argument("--rounds", type=int, default=7, help="timed rounds (each runs every step)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     p.add_argument("--amp", action="store_true", help="fp16 autocast + GradScaler (CUDA)")
     p.add_argument("--compile", action="store_true", help="also time both models compiled")
-    p.add_argument("--peak-tflops", type=float, default=65.0, help="for MFU; T4 FP16: 65")
+    p.add_argument("--peak_tflops", type=float, default=65.0, help="for MFU; T4 FP16: 65")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--recipe", action="store_true", help="the bori preset's step vs the plan")
     p.add_argument("--steps", type=int, default=30, help="timed steps with --recipe")
@@ -260,7 +260,7 @@ def main():
     if args._peak:  # the subprocess of peak_memory(): train a few steps, print peak RSS
         model = load(args._peak, base_dir, device)
         step = make_step(args._peak, model, device, False)
-        x = torch.randint(0, BASE_VOCAB, (args.batch, args.seq))
+        x = torch.randint(0, BASE_VOCAB, (args.batch, args.seq_len))
         for _ in range(2):
             step(x, x.roll(-1, dims=1))
         # VmHWM, not ru_maxrss: the latter keeps the parent's peak across fork + exec.
@@ -283,9 +283,9 @@ def main():
     result["encode_tokens_per_s"] = {"base": encode_tokens_per_s(base_dir, korean)}
     if args.merged:
         result["encode_tokens_per_s"]["merged"] = encode_tokens_per_s(args.merged, korean)
-    result.update(device=str(device), batch=args.batch, seq=args.seq, rounds=args.rounds,
+    result.update(device=str(device), batch=args.batch, seq=args.seq_len, rounds=args.rounds,
                   compile=args.compile)
-    print(f"train step, {args.batch}x{args.seq} tokens on {device}, {args.rounds} rounds")
+    print(f"train step, {args.batch}x{args.seq_len} tokens on {device}, {args.rounds} rounds")
     print(f"{'':<23}{'median s':>10}{'min s':>8}{'max s':>8}{'tokens/s':>10}{'peak GiB':>10}")
     for w in [k for k in result if isinstance(result[k], dict) and "median_s" in result[k]]:
         # Both peaks are measured with fused AdamW, eager.

@@ -28,11 +28,11 @@ import data
 import tokenizer
 from checkpoint import (export_folder, latest_checkpoint, load_checkpoint, read_done, read_json,
                         save_checkpoint, set_aside_damaged, take_over_streams, write_done)
-from config import check_sources, load_config, parse_flags, record_run, validate
+from config import (check_sources, fit_micro_batch, help_text, load_config, parse_flags,
+                    record_run, validate)
 from convert_gguf import OFFLINE_BASE
 from distributed import (DistEnv, all_sum, autocast, barrier, on_master, print0,
                          setup_distributed, shutdown, stop_on_signals)
-from errors import EXIT_INTERRUPTED  # noqa: F401 (callers read bori.EXIT_INTERRUPTED)
 from errors import CorpusError, PeerStopped, TrainingDiverged, TrainingStopped, exit_code
 from evaluate import evaluate, samples
 from export_gguf import export_run
@@ -40,20 +40,19 @@ from hf_io import from_pretrained
 from model import Llama, flops_per_token
 from plan import plan_for_run
 from prepare import eval_sets, prepare_model
-from report import Metrics, Progress, summary
+from report import Metrics, Progress, bytes_per_token, open_sink, summary
 from schedule import lr_at
 
 @dataclass
 class Config:
-    # where things come from and go
+    # where things come from and go (a data path may end in #FIELD: the JSON key of its text)
     out_dir: str = "runs/bori"
     base: str = "HuggingFaceTB/SmolLM2-135M"  # hub id, local folder, .gguf, or OFFLINE_BASE
-    data_ko: str = "hf:HuggingFaceFW/fineweb-2:kor_Hang:train"
-    data_en: str = "hf:HuggingFaceTB/smollm-corpus:fineweb-edu-dedup:train"
-    text_field: str = "text"
+    data_ko: str = "hf:HuggingFaceFW/fineweb-2:kor_Hang:train"  # hf:NAME[:CONFIG[:SPLIT]] or files
+    data_en: str = "hf:HuggingFaceTB/smollm-corpus:fineweb-edu-dedup:train"  # the replay
+    text_field: str = "text"  # the JSON key of the text, where a path names none
     eval_ko: str = "hf:HuggingFaceFW/fineweb-2:kor_Hang:test"
-    # the replay's own text; its first eval_bytes are skipped in training: held out
-    eval_en: str = "hf:HuggingFaceTB/smollm-corpus:fineweb-edu-dedup:train"
+    eval_en: str = "hf:HuggingFaceTB/smollm-corpus:fineweb-edu-dedup:train"  # = data_en: held out
     eval_bytes: int = 200_000  # UTF-8 bytes of held-out text per language
     # tokenizer and vocabulary expansion
     new_tokens: int = tokenizer.REFERENCE_NEW_TOKENS  # 49,152 + 8,981 = 58,133
@@ -80,9 +79,9 @@ class Config:
     decay_1b: int = 2000  # the last 20% (Hägele et al. 2024)
     mix_1b: str = "ko=0.9,en=0.1"
     # optimizer (AdamW, Loshchilov & Hutter 2019, arXiv:1711.05101)
-    decay_shape: str = "1-sqrt"
+    decay_shape: str = "1-sqrt"  # linear | cosine | 1-sqrt
     min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1  # matrices of the transformer blocks
+    weight_decay: float = 0.1  # the transformer blocks' matrices
     embed_weight_decay: float = 0.1  # the (tied) embedding: every English row shrinks with it
     beta1: float = 0.9
     beta2: float = 0.95
@@ -91,18 +90,19 @@ class Config:
     device: str = "auto"  # auto | cuda | cpu
     dtype: str = "auto"  # auto: float16 on CUDA (a T4 has no fast bf16), float32 on CPU
     grad_checkpointing: bool = True
-    gpu_gib: float = 0.0  # memory per GPU for the plan; 0: the GPU's own (on a CPU, a T4's 15)
-    # torch.compile: ~1.2x faster steps on a CPU (bench.py --compile) after a minute of
-    # compiling per phase; not yet measured on a GPU
-    compile: bool = False
+    gpu_gib: float = 0.0  # memory per GPU for the plan; 0: the GPU's own (a T4's on a CPU)
+    compile: bool = False  # torch.compile: ~1.2x faster steps on a CPU; unmeasured on a GPU
     peak_tflops: float = 65.0  # T4 FP16 tensor-core peak, for the MFU estimate
-    # logging, evaluation, checkpoints
+    # logging, evaluation, checkpoints, what the run leaves
     log_every: int = 10
     eval_every: int = 250
     ckpt_every: int = 250
     keep_ckpts: int = 2
+    report_to: str = "none"  # none | tensorboard | wandb (W&B: WANDB_MODE=offline works)
     sample_prompts: str = "대한민국의 수도는|옛날 옛적에 한 마을에|The capital of France is"
     sample_tokens: int = 40
+    gguf_type: str = "f16"  # final.gguf: f16 | q8_0 | f32
+    keep_stage_models: bool = False  # keep init/ and phase*/ models after the final export
     max_bad_steps: int = 10  # consecutive non-finite steps before the run stops
     max_hours: float = 0.0  # stop cleanly, with a checkpoint, after this long (0: no limit)
     stop_after_steps: int = 0  # stop cleanly after this many steps in this invocation
@@ -180,9 +180,6 @@ class Training:
     applied: int = 0  # steps whose update was applied (not skipped as non-finite)
     bad_steps: int = 0  # the current streak of non-finite steps, carried across phases
 
-    def counters(self) -> dict:
-        return {"step": self.step, "applied": self.applied, "bad_steps": self.bad_steps}
-
 
 def set_trainable(raw_model: Llama, phase: Phase, n_old_rows: int):
     """Phase 1A: only the embedding (= the tied LM head), or only its new rows; 1B: all."""
@@ -210,8 +207,7 @@ def make_optimizer(raw_model: Llama, cfg: Config, phase: Phase):
 
 
 def setup_phase(run: Run, phase: Phase, start_dir: Path, tok, n_old_rows: int) -> Training:
-    """The model from start_dir (the last stage's export) or the phase's newest whole
-    checkpoint, and everything that resumes with it."""
+    """The model from start_dir or the newest whole checkpoint, and all that resumes with it."""
     cfg, env, phase_dir = run.cfg, run.env, run.out / f"phase{phase.name}"
     phase_dir.mkdir(parents=True, exist_ok=True)
     on_master(env, set_aside_damaged, phase_dir)
@@ -247,14 +243,14 @@ def setup_phase(run: Run, phase: Phase, start_dir: Path, tok, n_old_rows: int) -
 
 def save(run: Run, t: Training, data_state: dict = None):
     """A checkpoint of this step; data_state: the mixture's state at it (default: now)."""
-    save_checkpoint(t.phase_dir, t.raw_model, t.optimizer, t.scaler,
-                    t.counters(), data_state or t.mixture.state_dict(), run.cfg.keep_ckpts,
-                    run.env.rank, run.env.device)
+    counters = {"step": t.step, "applied": t.applied, "bad_steps": t.bad_steps}
+    save_checkpoint(t.phase_dir, t.raw_model, t.optimizer, t.scaler, counters,
+                    data_state or t.mixture.state_dict(), run.cfg.keep_ckpts, run.env.rank,
+                    run.env.device)
 
 
 def next_batches(run: Run, t: Training, accum: int) -> list:
-    """This step's micro-batches. If a corpus breaks on any rank (a damaged file), every rank
-    first saves a checkpoint at this step, then the run stops with that rank's sentence."""
+    """This step's micro-batches; a corpus breaking on any rank: every rank saves first."""
     before = t.mixture.state_dict()
     try:
         batches, error = [t.mixture.next_batch() for _ in range(accum)], None
@@ -306,8 +302,10 @@ def train(run: Run, phase: Phase, t: Training, tok) -> dict:
     n_params = sum(p.numel() for p in t.raw_model.parameters())
     flops = flops_per_token(t.raw_model.cfg, n_params, cfg.seq_len)
     start_step, t_start = t.step, time.time()
-    with Progress(run.metrics, phase.name, phase.steps, t.step, cfg.log_every,
-                  env.is_master) as progress:
+    phases = recipe(cfg)
+    later = sum(p.steps for p in phases[phases.index(phase) + 1:])  # for the whole run's ETA
+    with Progress(run.metrics, phase.name, phase.steps, t.step, cfg.log_every, env.is_master,
+                  bytes_per_token(run.out, data.parse_weights(phase.mix)), later) as progress:
         while True:
             # evaluate: held-out bits per byte every eval_every steps and after the last one
             if t.step % cfg.eval_every == 0 or t.step == phase.steps:
@@ -343,15 +341,15 @@ def train(run: Run, phase: Phase, t: Training, tok) -> dict:
             t.step += 1
             # log: the loss averaged over ranks, tokens/s and MFU of this step
             tok_s = cfg.batch_tokens / max(time.time() - t_step, 1e-9)
+            mfu = tok_s * flops / (cfg.peak_tflops * 1e12 * env.world_size)  # of a T4: GPUs only
             progress.train(t.step, loss=all_sum([loss], env.device)[0] / env.world_size, lr=lr,
                            grad_norm=grad_norm, skipped=skipped, scale=t.scaler.get_scale(),
                            tokens=t.step * cfg.batch_tokens, tok_per_s=tok_s,
-                           mfu=tok_s * flops / (cfg.peak_tflops * 1e12 * env.world_size))
+                           **({"mfu": mfu} if env.device.type == "cuda" else {}))
 
 
 def finish_phase(run: Run, phase: Phase, t: Training, tok, scores: dict) -> Path:
-    """Data hand-over, samples, the exported model and DONE.json; checkpoints go. A phase that
-    applied no step, or ends with a non-finite weight or score, does not finish."""
+    """Hand-over, samples, export, DONE.json; not for non-finite weights or no step applied."""
     cfg, env = run.cfg, run.env
     finite = all(bool(torch.isfinite(p).all()) for p in t.raw_model.parameters())
     problem = ("non-finite weights" if not finite else "no step applied" if not t.applied
@@ -405,11 +403,11 @@ def run_all(cfg: Config, env: DistEnv, stop: threading.Event) -> int:
     out = Path(cfg.out_dir)
     with ExitStack() as held:  # rank 0 holds out_dir's lock until the run ends
         on_master(env, record_run, cfg, env, held, RENAMED)
-        if (out / "final.gguf").is_file():
-            print0(env, f"{out} holds a finished run with these settings:")
-            on_master(env, summary, out)
-            return 0
-        run = Run(cfg, env, Metrics(out / "metrics.jsonl", env.is_master), eval_sets(cfg), stop)
+        if (out / "final.gguf").is_file():  # finished already, with these settings
+            return on_master(env, summary, out) or 0
+        sink = open_sink(cfg.report_to, out, cfg, {"1b": cfg.steps_1a}, held, env.is_master)
+        run = Run(cfg, env, Metrics(out / "metrics.jsonl", env.is_master, sink), eval_sets(cfg),
+                  stop)
         on_master(env, prepare_model, run)  # base model, tokenizer, expanded model
         n_old_rows = read_json(out / "init" / "DONE.json", f"delete {out / 'init'}")["n_old_rows"]
         cfg = run.cfg = dataclasses.replace(
@@ -425,14 +423,17 @@ def run_all(cfg: Config, env: DistEnv, stop: threading.Event) -> int:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if {"-h", "--help"} & set(argv):
+        print(help_text(Config, PRESETS, __doc__))
+        return 0
     debug, env = False, DistEnv()
     try:
-        # --debug=true is read first, so that it shows the traceback of a config error too
         debug = parse_flags(Config, argv, RENAMED).get("debug", "").lower() == "true"
         cfg = load_config(Config, PRESETS, argv, RENAMED)
         debug = cfg.debug
+        cfg = fit_micro_batch(cfg, int(os.environ.get("WORLD_SIZE", 1)))
         validate(cfg, recipe(cfg), int(os.environ.get("WORLD_SIZE", 1)))
-        check_sources(cfg)
+        check_sources(cfg)  # local files readable, hub sources reachable: in seconds
         stop = stop_on_signals()
         # before CUDA starts: the allocator grows segments instead of reserving new ones
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
@@ -442,7 +443,7 @@ def main(argv=None) -> int:
     except (Exception, KeyboardInterrupt) as e:
         if debug and not isinstance(e, (TrainingStopped, PeerStopped)):
             raise
-        return exit_code(e, env.rank)
+        return exit_code(e, int(os.environ.get("RANK", 0)))
     finally:
         shutdown()
 

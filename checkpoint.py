@@ -157,6 +157,22 @@ def write_done(folder: Path, record: dict):
         write_json(folder / "DONE.json", {**record, "files": files})
 
 
+def prune_stage(folder: Path, names: list):
+    """Remove a finished stage's big files (it stays finished: its DONE.json no longer lists
+    them, and says they were pruned)."""
+    if not (folder / "DONE.json").is_file():
+        return
+    done = read_json(folder / "DONE.json", f"delete {folder}")
+    for name in names:
+        shutil.rmtree(folder / name, ignore_errors=True)
+        (folder / name).unlink(missing_ok=True)
+    files = {k: v for k, v in done.get("files", {}).items()
+             if not any(k == n or k.startswith(n + "/") for n in names)}
+    with disk_errors(folder / "DONE.json"):
+        write_json(folder / "DONE.json", {**done, "files": files,
+                                          "pruned": sorted({*done.get("pruned", []), *names})})
+
+
 def read_json(path: Path, fix: str):
     """A JSON state file, or one sentence naming it and the fix."""
     try:

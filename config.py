@@ -5,8 +5,11 @@
 Defaults, then the preset, then the TOML file, then the flags: the last one wins. Each flag is
 parsed by its field's type (booleans are true/false); no config file is ever executed.
 """
+import dataclasses
 import difflib
+import inspect
 import math
+import os
 import tomllib
 from contextlib import ExitStack
 from dataclasses import asdict, fields
@@ -14,6 +17,7 @@ from pathlib import Path
 
 import data
 from atomic import disk_errors, lock_dir, write_json
+from base_model import check_hub
 from checkpoint import read_json
 from distributed import autocast
 from readers import check_readable
@@ -35,14 +39,18 @@ def parse_value(field, text: str):
 
 
 def parse_flags(cls, argv: list, renamed: dict) -> dict:
-    """['--key=value', ...] -> {'key': 'value'}; an unknown key names the closest known one;
-    renamed maps old names to the fields that replaced them."""
+    """['--key=value' or '--key', 'value', ...] -> {'key': 'value'}; an unknown key names the
+    closest known one; renamed maps old names to the fields that replaced them."""
     known = [f.name for f in fields(cls)] + list(META_FLAGS)
-    flags = {}
-    for arg in argv:
+    flags, args = {}, list(argv)
+    while args:
+        arg = args.pop(0)
         key, eq, value = arg.removeprefix("--").partition("=")
+        if not eq and arg.startswith("--") and args and not args[0].startswith("--"):
+            value, eq = args.pop(0), "="  # --key value
         if not arg.startswith("--") or not eq:
-            raise ValueError(f"argument {arg!r} is not --key=value (booleans: --key=true)")
+            raise ValueError(f"argument {arg!r} is not --key=value or --key value (booleans: "
+                             "--key=true); python bori.py --help lists them all")
         key = renamed.get(key, key)
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
@@ -64,8 +72,7 @@ def read_toml(cls, path: Path, renamed: dict) -> dict:
         raise ValueError(f"{path} is not valid TOML ({e}); fix it or leave --config out") from None
     for key, value in values.items():
         if key == "preset":
-            raise ValueError(f"preset = {value!r} in {path}: a preset is chosen on the command "
-                             "line (--preset=...), and the file's values go on top of it")
+            continue  # load_config applies it first
         if key not in known:
             raise ValueError(f"unknown key {key!r} in {path}")
         want = known[key].type  # bool is an int in Python, and TOML true is no number
@@ -75,20 +82,52 @@ def read_toml(cls, path: Path, renamed: dict) -> dict:
     return values
 
 
+def help_text(cls, presets: dict, intro: str) -> str:
+    """--help: intro, the presets, then every field with its default and the comment beside it
+    in the class's source, under the class's own section comments."""
+    lines = [intro.strip(), "", f"presets (--preset=NAME): {', '.join(presets)} (the first is "
+             "the default); --config=FILE.toml sets fields from a file, flags go on top", "",
+             "options (--key=value or --key value; booleans are true or false):"]
+    defaults = {f.name: f.default for f in fields(cls)}
+    for line in inspect.getsource(cls).splitlines()[1:]:
+        code, _, comment = line.strip().partition("# ")
+        name = code.split(":")[0].strip()
+        if not code:  # a section comment
+            lines += ["", comment]
+        elif name in defaults:
+            flag = f"  --{name}={defaults[name]}"
+            lines.append((flag.ljust(36) if len(flag) < 36 else flag + "  ") + comment)
+    return "\n".join(lines)
+
+
 def load_config(cls, presets: dict, argv: list, renamed: dict = None):
     """Defaults, then --preset (the first of presets when not given), then --config=FILE.toml,
     then the other --key=value flags."""
     renamed = renamed or {}
     flags = parse_flags(cls, argv, renamed)
-    name = flags.pop("preset", next(iter(presets)))
+    toml = read_toml(cls, Path(flags.pop("config")), renamed) if "config" in flags else {}
+    name = flags.pop("preset", toml.pop("preset", next(iter(presets))))  # the command line wins
     if name not in presets:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(presets)}")
-    values = dict(presets[name])
-    if "config" in flags:
-        values.update(read_toml(cls, Path(flags.pop("config")), renamed))
+    values = {**presets[name], **toml}
     known = {f.name: f for f in fields(cls)}
     values.update({k: parse_value(known[k], v) for k, v in flags.items()})
     return cls(**values)
+
+
+def fit_micro_batch(cfg, world_size: int):
+    """cfg with a smaller micro_batch when its own does not divide batch_tokens for this many
+    processes (a preset made for one process then runs on two); the batch stays the same."""
+    if cfg.micro_batch < 1 or cfg.seq_len < 1 or cfg.batch_tokens % (cfg.seq_len * world_size):
+        return cfg  # validate says what is wrong
+    per_rank = cfg.batch_tokens // cfg.seq_len // world_size
+    if per_rank < 1 or per_rank % cfg.micro_batch == 0:
+        return cfg
+    fitted = max(m for m in range(1, cfg.micro_batch + 1) if per_rank % m == 0)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"micro_batch={cfg.micro_batch} does not divide batch_tokens={cfg.batch_tokens} "
+              f"over {world_size} processes; using micro_batch={fitted}", flush=True)
+    return dataclasses.replace(cfg, micro_batch=fitted)
 
 
 def validate(cfg, phases: list, world_size: int):
@@ -110,6 +149,9 @@ def validate(cfg, phases: list, world_size: int):
     checks = [(cfg.init in ("eeve", "mean", "random"), "init must be eeve, mean or random"),
               (cfg.unicode_script in SCRIPTS,
                f"unicode_script must be one of {sorted(SCRIPTS)}"),
+              (cfg.report_to in ("none", "tensorboard", "wandb"),
+               "report_to must be none, tensorboard or wandb"),
+              (cfg.gguf_type in ("f16", "q8_0", "f32"), "gguf_type must be f16, q8_0 or f32"),
               (cfg.dtype in ("auto", "float16", "bfloat16", "float32"),
                "dtype must be auto, float16, bfloat16 or float32"),
               (cfg.device in ("auto", "cuda", "cpu"), "device must be auto, cuda or cpu"),
@@ -145,13 +187,16 @@ def validate(cfg, phases: list, world_size: int):
 
 
 def check_sources(cfg):
-    """Every local data path exists and starts as readable UTF-8 text (hub sources are read
-    when the run reaches them)."""
+    """Every local data path exists and starts as readable UTF-8 text, and every hub source
+    (and a hub base model) answers, within seconds."""
+    check_hub({k: getattr(cfg, k) for k in ("base", "data_ko", "data_en", "eval_ko", "eval_en",
+                                            "tokenizer_data")})
     for name in ("data_ko", "data_en", "eval_ko", "eval_en", "tokenizer_data"):
         spec = getattr(cfg, name)
         if spec and not spec.startswith("hf:"):
+            src = data.Source(name, spec, cfg.text_field)
             try:
-                check_readable(spec)
+                check_readable(src.path, src.text_field)
             except (OSError, ValueError) as e:
                 raise type(e)(f"--{name}: {e}") from None
 
@@ -206,6 +251,7 @@ def record_run(cfg, env, held: ExitStack, renamed: dict):
         out.mkdir(parents=True, exist_ok=True)
     held.enter_context(lock_dir(out))
     if check_resume(cfg, out, env.world_size, renamed):
+        print(f"{out} holds a finished run with these settings:", flush=True)
         return
     record = {**asdict(cfg), "world_size": env.world_size, "device_name": str(env.device),
               "amp_dtype": str(autocast(cfg.dtype, env.device)[1])}

@@ -28,9 +28,13 @@ EOS_TOKEN = "<|endoftext|>"  # SmolLM2's document separator in pre-training; it 
 @dataclass
 class Source:
     name: str
-    path: str  # "hf:dataset[:config[:split]]", or a local file, folder or glob
-    text_field: str = "text"
+    path: str  # "hf:dataset[:config[:split]]", or a local file, folder or glob; "#KEY" at the
+    text_field: str = "text"  # end of path names the text's JSON key instead of this
     skip: int = 0  # examples at its start left out: the held-out ones, when it is also eval's
+
+    def __post_init__(self):
+        if "#" in self.path and not Path(self.path).exists():
+            self.path, self.text_field = self.path.rsplit("#", 1)
 
 
 def parse_weights(spec: str) -> dict:
@@ -76,10 +80,10 @@ def text_of(example: dict, src: Source) -> str:
     """The document text of one example, checked."""
     key = src.text_field
     if key not in example:
-        raise CorpusError(f"source {src.name} ({src.path}) has no text field {key!r}; its "
-                          f"fields are {sorted(example)}: set the source's text field")
+        raise CorpusError(f"{src.path} has no text field {key!r} (it has {sorted(example)}); "
+                          f"name the key after the path, e.g. {src.path}#{sorted(example)[0]}")
     if not isinstance(example[key], str):
-        raise CorpusError(f"source {src.name} ({src.path}): field {key!r} holds "
+        raise CorpusError(f"{src.path}: field {key!r} holds "
                           f"{type(example[key]).__name__} {str(example[key])[:40]!r}, not text")
     return example[key]
 
@@ -136,7 +140,7 @@ class PackedStream:
                  batch_chars=2**18):
         self.src, self.tokenizer, self.eos_id = src, tokenizer, eos_id
         self.batch_docs, self.batch_chars = batch_docs, batch_chars  # what one refill reads
-        self.ds = open_source(src, rank, world_size)
+        self.ds, self.rank = open_source(src, rank, world_size), rank
         self.iterator, self.epoch, self.buffer = None, 0, []
         self.restored = None  # a loaded dataset position, until the stream reads again
         self.docs = self.bad_bytes = 0
@@ -144,7 +148,10 @@ class PackedStream:
     def take(self, n: int) -> list:
         """The next n tokens of the stream."""
         while len(self.buffer) < n:
-            self._refill()
+            try:
+                self._refill()
+            except CorpusError as e:  # say which flag names the broken source
+                raise CorpusError(f"--data_{self.src.name}: {e}") from None
         out, self.buffer = self.buffer[:n], self.buffer[n:]
         return out
 
@@ -162,6 +169,9 @@ class PackedStream:
                     raise ValueError(f"source {self.src.name} ({self.src.path}) has no text for "
                                      "this rank; give it more documents or use fewer ranks")
                 self.epoch, restarted = self.epoch + 1, True  # a small corpus: go round again
+                if self.rank == 0:
+                    warn(f"--data_{self.src.name} ({self.src.path}) is read to its end: going "
+                         f"round again (pass {self.epoch + 1}), so its text repeats from now on")
                 self.ds.set_epoch(self.epoch)
                 self.iterator = iter(self.ds)
                 continue

@@ -38,8 +38,14 @@ OOM_FIX = ("out of GPU memory; lower micro_batch (batch_tokens stays, gradient a
 
 
 def exit_code(e: BaseException, rank: int) -> int:
-    """Print e's sentence (rank 0 speaks for a stop every rank shares) and return the exit code;
-    re-raise what is not a user's error (a bug: its traceback is wanted)."""
+    """Print e's sentence and return the exit code; re-raise what is not a user's error (a bug:
+    its traceback is wanted). Rank 0 speaks for what every rank meets alike; another rank
+    speaks only for what it alone met (its corpus, its lost peers)."""
+    if rank and isinstance(e, (ValueError, OSError, TrainingDiverged, PeerStopped,
+                               torch.cuda.OutOfMemoryError)) and not isinstance(e, CorpusError):
+        return EXIT_ERROR
+    if rank and isinstance(e, (TrainingStopped, KeyboardInterrupt)):
+        return EXIT_INTERRUPTED
     if isinstance(e, TrainingStopped):
         if rank == 0:
             print(f"interrupted: {e}", file=sys.stderr)

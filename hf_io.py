@@ -8,6 +8,7 @@ transformers. Hugging Face's config names appear here and nowhere else.
 """
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -142,6 +143,9 @@ def save_pretrained(model: Llama, path, **extra_config):
         save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
     except SafetensorError as e:  # safetensors reports I/O failures (disk full) as its own
         raise OSError(str(e).removeprefix("Error while serializing: ")) from None
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path / "model.safetensors", 0o666 & ~umask)  # safetensors makes it 0600
     hf = config_to_hf(model.cfg, **{**getattr(model, "hf_extra", {}), **extra_config})
     (path / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     generation = {k: hf[k] for k in ("bos_token_id", "eos_token_id") if k in hf}

@@ -155,15 +155,20 @@ def plan_for_run(cfg, env, model_dir: Path, dtype) -> int:
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--vocab", type=int, default=SEED_VOCAB)
-    p.add_argument("--seq_len", type=int, default=2048)
+    p.add_argument("--model", default="smollm2-135m", help="a model.PRESETS name")
+    p.add_argument("--vocab", type=int, default=SEED_VOCAB, help="tokens in the vocabulary")
+    p.add_argument("--seq_len", type=int, default=2048, help="tokens per sequence")
     p.add_argument("--micro_batch", type=int, default=0, help="0: the largest that fits")
     p.add_argument("--gpu_gib", type=float, default=T4_GIB, help="a 16 GB T4: 14.75 GiB")
-    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
-    p.add_argument("--no_checkpointing", action="store_true")
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                   help="the autocast dtype")
+    p.add_argument("--no_checkpointing", action="store_true", help="plan without "
+                   "gradient checkpointing")
     a = p.parse_args()
-    cfg = preset(a.model, vocab_size=a.vocab, pad_vocab_to=64)
+    try:
+        cfg = preset(a.model, vocab_size=a.vocab, pad_vocab_to=64)
+    except ValueError as e:
+        p.error(str(e))
     dtype, ckpt = getattr(torch, a.dtype), not a.no_checkpointing
     best = largest_micro_batch(cfg, a.seq_len, ckpt, a.gpu_gib, dtype)
     mb = a.micro_batch or max(best, 1)

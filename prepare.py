@@ -3,6 +3,7 @@
 Rank 0 runs them (bori.run_all) while the other ranks wait. Each writes its folder's DONE.json
 last and is skipped once that exists, so a killed run redoes at most the stage it was in.
 """
+import os
 from pathlib import Path
 
 from tokenizers import Tokenizer
@@ -12,6 +13,7 @@ import tokenizer
 from atomic import atomic_dir, disk_errors, write_json
 from base_model import check_base, check_merged_tokenizer, resolve_base
 from checkpoint import export_folder, read_done, read_json, write_done
+from errors import warn
 from evaluate import evaluate, print_tokenizer_report, tokenizer_report
 from hf_io import from_pretrained
 from model import expand_vocab
@@ -19,22 +21,35 @@ from model import expand_vocab
 
 def eval_sets(cfg) -> dict:
     """The held-out texts per language: the first eval_bytes of each eval source."""
-    return {"ko": data.eval_docs(cfg.eval_ko, cfg.eval_bytes, cfg.text_field),
-            "en": data.eval_docs(cfg.eval_en, cfg.eval_bytes, cfg.text_field)}
+    evals = {}
+    for lang in ("ko", "en"):
+        try:
+            evals[lang] = data.eval_docs(getattr(cfg, f"eval_{lang}"), cfg.eval_bytes,
+                                         cfg.text_field)
+        except ValueError as e:  # say which flag names it
+            raise type(e)(f"--eval_{lang}: {e}") from None
+        size = sum(len(t.encode()) for t in evals[lang])
+        if size < cfg.eval_bytes * 0.9 and int(os.environ.get("RANK", 0)) == 0:
+            warn(f"--eval_{lang} holds only {size:,} of the {cfg.eval_bytes:,} bytes asked "
+                 "for (eval_bytes): its bits per byte are measured on less text")
+    return evals
 
 
 def bpe_training_text(run):
     """The first tokenizer_bytes (0: all) of the Korean text the BPE is trained on."""
     cfg, total = run.cfg, 0
     path = cfg.tokenizer_data or cfg.data_ko
-    for text in data.iter_texts([path], cfg.text_field, progress=True):
-        run.check_stop("the tokenizer was trained")
-        raw = text.encode("utf-8")
-        if cfg.tokenizer_bytes and total + len(raw) >= cfg.tokenizer_bytes:  # the last one cut
-            yield raw[:cfg.tokenizer_bytes - total].decode("utf-8", errors="ignore")
-            return
-        yield text
-        total += len(raw)
+    try:
+        for text in data.iter_texts([path], cfg.text_field, progress=True):
+            run.check_stop("the tokenizer was trained")
+            raw = text.encode("utf-8")
+            if cfg.tokenizer_bytes and total + len(raw) >= cfg.tokenizer_bytes:  # cut the last
+                yield raw[:cfg.tokenizer_bytes - total].decode("utf-8", errors="ignore")
+                return
+            yield text
+            total += len(raw)
+    except ValueError as e:  # say which flag names the broken source
+        raise type(e)(f"--{'tokenizer_data' if cfg.tokenizer_data else 'data_ko'}: {e}") from None
     if total == 0:
         raise ValueError(f"tokenizer data {path!r} has no text; point data_ko (or "
                          "tokenizer_data) at Korean text")

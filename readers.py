@@ -57,13 +57,21 @@ def check_head(file: str, head: bytes):
                           f"-t UTF-8 {convert}")
 
 
-def check_readable(spec: str):
-    """Every local file of a data path opens and starts as UTF-8 text (checked before a run
-    writes anything; a file damaged further in is caught when it is reached)."""
+def check_readable(spec: str, field: str):
+    """Every local file of a data path opens and starts as UTF-8 text, a JSON-lines one with
+    the text field in its first record (checked before a run writes anything; a file damaged
+    further in is caught when it is reached)."""
     for file in local_files(spec):
-        if file_kind(file) != ".parquet":
-            with open_text(file) as f:
-                check_head(file, f.read(4096))
+        if file_kind(file) == ".parquet":
+            continue
+        with open_text(file) as f:
+            head = f.read(4096)
+            check_head(file, head)
+            if file_kind(file) in (".json", ".jsonl"):
+                f.seek(0)
+                first = next((line for line in f if line.strip()), None)
+                if first is not None:
+                    json_text(decode(first.removeprefix(b"\xef\xbb\xbf"))[0], field, file, 1)
 
 
 def open_text(file: str):
@@ -172,8 +180,9 @@ def json_text(line: str, field: str, file: str, n: int) -> str:
                           "per line") from None
     if not isinstance(obj, dict) or field not in obj:
         keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-        raise CorpusError(f"{file} line {n} has no text field {field!r} (it has {keys}); set "
-                          "the source's text field to the key that holds the text")
+        hint = f"e.g. PATH#{keys[0]}" if isinstance(keys, list) and keys else "PATH#KEY"
+        raise CorpusError(f"{file} line {n} has no text field {field!r} (it has {keys}); name "
+                          f"the key that holds the text after the path, {hint}")
     if not isinstance(obj[field], str):
         raise CorpusError(f"{file} line {n}: field {field!r} holds {type(obj[field]).__name__} "
                           f"{str(obj[field])[:40]!r}, not text; fix or drop that line")

@@ -41,11 +41,11 @@ def main(argv=None):
     p.add_argument("folder", help="a model folder, or a run folder (its final model)")
     p.add_argument("--prompt", action="append", help="repeatable; default: a Korean and an "
                    "English prompt")
-    p.add_argument("--max_tokens", type=at_least(1, int), default=64)
+    p.add_argument("--max_tokens", type=at_least(1, int), default=64, help="tokens to add")
     p.add_argument("--temperature", type=at_least(0.0), default=0.8, help="0: greedy")
     p.add_argument("--top_k", type=at_least(0, int), default=0, help="0: no limit")
-    p.add_argument("--top_p", type=at_least(0.0), default=0.9)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top_p", type=at_least(0.0), default=0.9, help="nucleus sampling mass")
+    p.add_argument("--seed", type=int, default=0, help="of the sampling")
     args = p.parse_args(argv)
     try:
         folder = model_folder(args.folder)

@@ -18,6 +18,7 @@ from helpers import (ENV, ROOT, command, logged, n_train_records, process_tree, 
                      tiny_flags, weights)
 
 import bori
+from errors import EXIT_INTERRUPTED
 import checkpoint
 import model as model_module
 import report
@@ -66,7 +67,7 @@ def test_sigterm_checkpoints_the_current_step_and_says_interrupted(world, tmp_pa
     cmd = command(out, tiny_base, world, ckpt_every=100)  # only the SIGTERM one
     code, err, sent = run_until(cmd, lambda: n_train_records(out) >= 3, signal.SIGTERM)
     assert sent and "interrupted: stopped at phase 1a step" in err, err[-2000:]
-    assert code == (bori.EXIT_INTERRUPTED if world == 1 else 1)  # torchrun: 1 if any fails
+    assert code == (EXIT_INTERRUPTED if world == 1 else 1)  # torchrun: 1 if any fails
     step = int(re.search(r"stopped at phase 1a step (\d+)", err).group(1))
     records = [r for r in logged(out) if r["kind"] == "train"]
     assert records[-1]["step"] == step  # the checkpoint holds every logged step
@@ -121,7 +122,7 @@ def test_full_disk_while_saving_keeps_the_last_checkpoint(small_disk, tmp_path, 
     out = (small_disk or tmp_path) / "run"
     cmd = command(out, tiny_base, 1, stop_after_steps=2)
     code, err, _ = run_until(cmd, lambda: False)
-    assert code == bori.EXIT_INTERRUPTED, err[-2000:]
+    assert code == EXIT_INTERRUPTED, err[-2000:]
     assert checkpoint.latest_checkpoint(out / "phase1a").name == "ckpt-000002"
     if small_disk:  # fill the disk, leaving less than a checkpoint needs
         free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
@@ -141,7 +142,7 @@ def test_full_disk_while_saving_keeps_the_last_checkpoint(small_disk, tmp_path, 
         (small_disk / "filler").unlink()
     while code != 0:  # space is back: the same command finishes the run
         code, err, _ = run_until(cmd, lambda: False)
-        assert code in (0, bori.EXIT_INTERRUPTED), err[-2000:]
+        assert code in (0, EXIT_INTERRUPTED), err[-2000:]
     for key, value in weights(tiny_run / "final").items():
         assert torch.equal(value, weights(out / "final")[key]), key
 
@@ -252,7 +253,7 @@ def base_with(what: str):
 BAD_INPUTS = {  # name: (argv builder, the sentence expected)
     "missing base": (flags(base="/no/such/base"), r"base model '/no/such/base' is neither"),
     "unreachable hub base": (flags(base="nobody-here/no-such-model"),
-                             r"could not fetch 'nobody-here/no-such-model' from the Hugging Face"),
+                             r"--base: could not reach 'nobody-here/no-such-model' on the Hugging"),
     "no config.json": (base_with("no_config"), r"lacks config.json or tokenizer.json"),
     "missing tensor": (base_with("missing_tensor"),
                        r"lacks tensor 'model.layers.0.self_attn.q_proj"),
@@ -288,14 +289,13 @@ BAD_INPUTS = {  # name: (argv builder, the sentence expected)
     "TOML number for a boolean": (toml("compile = 1\n"), r"compile = 1 in .*: expected bool"),
     "TOML boolean for a number": (toml("seq_len = true\n"), r"seq_len = True in .*: expected int"),
     "broken TOML": (toml("seq_len = \n"), r"run.toml is not valid TOML \(.*\); fix it"),
-    "preset in TOML": (toml('preset = "demo"\n'), r"a preset is chosen on the command line"),
     "a source named twice": (flags(mix_1b="ko=0.5,ko=0.5"), r"names 'ko' twice"),
     "out_dir is a file": (file_as_out_dir, r"out_dir=.*afile is a file, not a folder"),
     "CP949 corpus": (corpus_bytes("한국어 문서입니다. 둘째 문장입니다.".encode("cp949") * 40),
                      r"--data_ko: .* is not UTF-8 text \(most of its first bytes are not UTF-8"),
 }
 REFUSED_BEFORE_WRITING = [k for k in BAD_INPUTS if k not in (
-    "unreachable hub base", "no config.json", "missing tensor", "wrong shape",
+    "no config.json", "missing tensor", "wrong shape",
     "tokenizer vs model", "other tokenizer", "empty corpus", "no text field", "seq_len too long",
     "missing base")]
 
@@ -327,7 +327,7 @@ def test_out_of_gpu_memory_names_the_fix(monkeypatch, tmp_path, tiny_base, capsy
 
 @pytest.mark.slow
 def test_resume_refuses_breaking_changes_but_allows_safe_ones(tmp_path, tiny_base, capsys):
-    assert bori.main(tiny_flags(tmp_path, tiny_base, stop_after_steps=2)) == bori.EXIT_INTERRUPTED
+    assert bori.main(tiny_flags(tmp_path, tiny_base, stop_after_steps=2)) == EXIT_INTERRUPTED
     assert bori.main(tiny_flags(tmp_path, tiny_base, new_tokens=301, seq_len=64)) == 2
     err = capsys.readouterr().err
     assert re.search(r"holds a run started with other settings \(new_tokens: 300 -> 301, "
@@ -339,7 +339,7 @@ def test_resume_refuses_breaking_changes_but_allows_safe_ones(tmp_path, tiny_bas
 def test_resume_refuses_another_process_count_or_a_tokenizer_of_another_base(
         tmp_path, tiny_base, capsys):
     import shutil
-    assert bori.main(tiny_flags(tmp_path, tiny_base, stop_after_steps=2)) == bori.EXIT_INTERRUPTED
+    assert bori.main(tiny_flags(tmp_path, tiny_base, stop_after_steps=2)) == EXIT_INTERRUPTED
     saved = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**saved, "world_size": 2}))
     assert bori.main(tiny_flags(tmp_path, tiny_base)) == 2

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from helpers import PARAGRAPH, tiny_flags
 
 import bori
+from errors import EXIT_INTERRUPTED
 import data
 import evaluate
 import model as model_module
@@ -66,9 +67,9 @@ def test_the_watch_reports_each_layers_fp16_headroom(base_model, base_tok):
 
 def test_a_layer_near_the_fp16_limit_is_warned_about(tmp_path, capsys):
     from report import Metrics, Progress
-    with Progress(Metrics(tmp_path / "m.jsonl", True), "1a", 10, 0, 1, True) as progress:
+    with Progress(Metrics(tmp_path / "m.jsonl", True), "1a", 10, 0, 1, True, 3.0) as progress:
         progress.eval(0, {"ko_bpb": 1.0}, [0.1, 0.62, 0.3])
-    assert "warning: layer 1's MLP activations reach 62% of fp16's largest number" in \
+    assert "warning: layer 1's activations reach 62% of fp16's largest number" in \
         capsys.readouterr().err
     assert '"fp16_peak": [0.1, 0.62, 0.3]' in (tmp_path / "m.jsonl").read_text()
 
@@ -96,7 +97,7 @@ def test_padding_rows_are_zero_after_loading(tmp_path):
 @pytest.mark.slow
 def test_a_cpu_fp32_run_resumes_in_fp16(tmp_path, tiny_base):
     """The hand-over an fp32 checkpoint makes to an fp16 run: a fresh GradScaler, no error."""
-    assert bori.main(tiny_flags(tmp_path, tiny_base, stop_after_steps=2)) == bori.EXIT_INTERRUPTED
+    assert bori.main(tiny_flags(tmp_path, tiny_base, stop_after_steps=2)) == EXIT_INTERRUPTED
     assert bori.main(tiny_flags(tmp_path, tiny_base, dtype="float16")) == 0
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     scales = [r["scale"] for r in records if r["kind"] == "train" and r["phase"] == "1a"]

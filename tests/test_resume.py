@@ -13,6 +13,7 @@ import torch
 from helpers import command, logged, run_until, tiny_flags, weights
 
 import bori
+from errors import EXIT_INTERRUPTED
 import data
 
 
@@ -48,12 +49,12 @@ def assert_same_run(out: Path, ref: Path):
 def test_a_clean_stop_after_every_step_resumes_exactly(reference, tiny_base, tmp_path):
     ref, flags = reference
     codes, argv = [], tiny_flags(tmp_path / "run", tiny_base, stop_after_steps=1, **flags)
-    while not codes or codes[-1] == bori.EXIT_INTERRUPTED:
+    while not codes or codes[-1] == EXIT_INTERRUPTED:
         codes.append(bori.main(argv))  # the same command again and again
         assert len(codes) <= 12
     # a stop after each of the 12 steps but the two that end a phase: Phase 1A's last step
     # runs on into Phase 1B's first, which then stops; Phase 1B's last ends the run
-    assert codes == [bori.EXIT_INTERRUPTED] * 10 + [0]
+    assert codes == [EXIT_INTERRUPTED] * 10 + [0]
     assert_same_run(tmp_path / "run", ref)
 
 

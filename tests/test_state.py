@@ -19,6 +19,7 @@ import torch
 from helpers import ENV, ROOT, command, logged, n_train_records, run_until, tiny_flags, weights
 
 import bori
+from errors import EXIT_INTERRUPTED
 import data
 import export_gguf
 from base_model import resolve_base
@@ -42,7 +43,7 @@ def assert_same_run(out: Path, ref: Path):
 def stopped(tmp_path, tiny_base):
     """A tiny run stopped after Phase 1A step 4, with checkpoints at steps 2 and 4."""
     out = tmp_path / "run"
-    assert bori.main(tiny_flags(out, tiny_base, stop_after_steps=4)) == bori.EXIT_INTERRUPTED
+    assert bori.main(tiny_flags(out, tiny_base, stop_after_steps=4)) == EXIT_INTERRUPTED
     assert sorted(p.name for p in (out / "phase1a").glob("ckpt-*")) == ["ckpt-000002",
                                                                          "ckpt-000004"]
     return out
@@ -180,7 +181,7 @@ def test_a_second_run_on_the_same_out_dir_stops_at_once_naming_the_first(tmp_pat
         proc.wait()
     # the OS drops the lock of a killed process: the same command now runs
     assert bori.main(tiny_flags(out, tiny_base, steps_1a=500, decay_1a=2,
-                                stop_after_steps=1)) == bori.EXIT_INTERRUPTED
+                                stop_after_steps=1)) == EXIT_INTERRUPTED
 
 
 @pytest.mark.slow
@@ -195,7 +196,7 @@ def test_a_failed_first_start_does_not_block_the_corrected_command(
     assert re.search(message, one_error(capsys))
     if "data_en" in typo:  # refused before anything was written
         assert not (out / "config.json").exists()
-    assert bori.main(tiny_flags(out, tiny_base, stop_after_steps=1)) == bori.EXIT_INTERRUPTED
+    assert bori.main(tiny_flags(out, tiny_base, stop_after_steps=1)) == EXIT_INTERRUPTED
 
 # ----------------------------------------------------------------------------------------------
 # Resume and re-run tell the truth
@@ -419,7 +420,7 @@ def test_ctrl_c_is_a_clean_stop_with_a_checkpoint(tmp_path, tiny_base, tiny_run)
         time.sleep(0.01)
     proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == bori.EXIT_INTERRUPTED and "Traceback" not in err, err[-2000:]
+    assert proc.returncode == EXIT_INTERRUPTED and "Traceback" not in err, err[-2000:]
     step = int(re.search(r"interrupted: stopped at phase 1a step (\d+)", err).group(1))
     assert (out / "phase1a" / f"ckpt-{step:06d}").is_dir()
     code, err, _ = run_until(cmd, lambda: False)
@@ -446,7 +447,7 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path, tiny_base):
     proc.wait(timeout=120)
     time.sleep(0.5)
     err = "".join(err)
-    assert proc.returncode == bori.EXIT_INTERRUPTED and "Traceback" not in err, err[-2000:]
+    assert proc.returncode == EXIT_INTERRUPTED and "Traceback" not in err, err[-2000:]
     assert "interrupted at once by a second Ctrl-C; the last checkpoint stands" in err
 
 

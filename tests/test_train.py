@@ -10,6 +10,7 @@ import torch
 from helpers import ENGLISH, ROOT, free_port, logged, tiny_flags, weights
 
 import bori
+from errors import EXIT_INTERRUPTED
 import data
 from hf_io import from_pretrained
 from model import expand_vocab
@@ -147,7 +148,7 @@ def test_compiled_run_equals_the_eager_run(tmp_path, tiny_base, tiny_run):
 def test_stopping_and_rerunning_equals_an_uninterrupted_run(tmp_path, tiny_base, tiny_run):
     flags = tiny_flags(tmp_path, tiny_base, stop_after_steps=2)
     codes = []
-    while not codes or codes[-1] == bori.EXIT_INTERRUPTED:
+    while not codes or codes[-1] == EXIT_INTERRUPTED:
         codes.append(bori.main(flags))  # the same command, again and again
         assert len(codes) < 20
     assert codes[-1] == 0 and len(codes) > 4
