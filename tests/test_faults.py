@@ -292,7 +292,7 @@ BAD_INPUTS = {  # name: (argv builder, the sentence expected)
     "a source named twice": (flags(mix_1b="ko=0.5,ko=0.5"), r"names 'ko' twice"),
     "out_dir is a file": (file_as_out_dir, r"out_dir=.*afile is a file, not a folder"),
     "CP949 corpus": (corpus_bytes("한국어 문서입니다. 둘째 문장입니다.".encode("cp949") * 40),
-                     r"--data_ko: .* is not UTF-8 text \(most of its first bytes are not UTF-8"),
+                     r"--data_new: .* is not UTF-8 text \(most of its first bytes are not UTF-8"),
 }
 REFUSED_BEFORE_WRITING = [k for k in BAD_INPUTS if k not in (
     "no config.json", "missing tensor", "wrong shape",

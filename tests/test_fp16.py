@@ -184,4 +184,4 @@ def test_a_source_that_is_also_eval_skips_the_held_out_documents(tmp_path, base_
 
 def test_english_is_held_out_from_the_replay_by_default():
     cfg = bori.Config()
-    assert cfg.eval_en == cfg.data_en and cfg.eval_ko != cfg.data_ko  # fineweb-2 has a test split
+    assert cfg.eval_en == cfg.data_en and cfg.eval_new != cfg.data_new  # fineweb-2: a test split

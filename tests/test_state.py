@@ -324,7 +324,8 @@ def test_utf16_or_32_text_is_refused_naming_the_file(encoding, language, tmp_pat
     out = tmp_path / "run"
     assert bori.main(tiny_flags(out, tiny_base, **{f"data_{language}": path})) == 2
     line = one_error(capsys)
-    assert f"--data_{language}: {path} is not UTF-8 text (it looks like UTF-16 or UTF-32)" in line
+    flag = {"ko": "data_new", "en": "data_en"}[language]
+    assert f"--{flag}: {path} is not UTF-8 text (it looks like UTF-16 or UTF-32)" in line
     assert "iconv -f UTF-16 -t UTF-8" in line
     assert not (out / "config.json").exists()
 

@@ -63,7 +63,7 @@ def test_an_unreachable_hub_source_is_one_sentence_within_seconds(tmp_path, tiny
     err = capsys.readouterr().err
     assert re.search(r"^error: --data_en: could not reach 'hf:HuggingFaceTB/smollm-corpus:"
                      r"fineweb-edu-dedup' on the Hugging Face hub \(.*\); offline, run "
-                     r"--preset=demo, or point --data_ko", err, flags=re.M), err
+                     r"--preset=demo, or point --data_new", err, flags=re.M), err
     assert not (tmp_path / "run" / "config.json").exists()
 
 
@@ -125,7 +125,7 @@ def test_a_text_field_per_source(tmp_path, tiny_base, capsys):
                           for _ in range(40)))
     assert bori.main(tiny_flags(tmp_path / "a", tiny_base, data_ko=ko)) == 2
     err = capsys.readouterr().err
-    assert re.search(r"error: --data_ko: .*ko.jsonl line 1 has no text field 'text' \(it has "
+    assert re.search(r"error: --data_new: .*ko.jsonl line 1 has no text field 'text' \(it has "
                      r"\['content'\]\); name the key that holds the text after the path, e.g. "
                      r"PATH#content", err), err
     assert not (tmp_path / "a" / "config.json").exists()
@@ -180,15 +180,15 @@ def test_warnings_a_user_needs(tmp_path, base_tok, capsys):
     path = tmp_path / "small.jsonl"
     path.write_text("".join(json.dumps({"text": f"짧은 문서 {i}"}, ensure_ascii=False) + "\n"
                             for i in range(3)))
-    stream = data.PackedStream(data.Source("ko", str(path)), base_tok, 0)
+    stream = data.PackedStream(data.Source("ko", str(path), flag="data_new"), base_tok, 0)
     stream.take(200)
-    assert "warning: --data_ko (" in capsys.readouterr().err  # read round again
+    assert "warning: --data_new (" in capsys.readouterr().err  # read round again
     import prepare
     from types import SimpleNamespace
-    cfg = SimpleNamespace(eval_ko=str(path), eval_en=str(path), eval_bytes=10_000,
+    cfg = SimpleNamespace(lang="ko", eval_new=str(path), eval_en=str(path), eval_bytes=10_000,
                           text_field="text")
     prepare.eval_sets(cfg)
-    assert re.search(r"warning: --eval_ko holds only \d+ of the 10,000 bytes asked for",
+    assert re.search(r"warning: --eval_new holds only \d+ of the 10,000 bytes asked for",
                      capsys.readouterr().err)
 
 
