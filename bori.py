@@ -84,7 +84,7 @@ class Config:
     decay_shape: str = "1-sqrt"  # linear | cosine | 1-sqrt
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.1  # the transformer blocks' matrices
-    embed_weight_decay: float = 0.1  # the (tied) embedding: every English row shrinks with it
+    embed_weight_decay: float = 0.01  # the embedding's: 0.1 shrinks it 0.77x in 1B, +8% English
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0

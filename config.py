@@ -212,11 +212,14 @@ def validate(cfg, phases: list, world_size: int):
         if not ok:
             raise ValueError(message)
     names = {cfg.lang, "en"}
+    fix = (f"--preset=demo-{cfg.lang} or bori-{cfg.lang} sets them" if cfg.lang in data.LANGUAGES
+           else "name it in --mix_1a and --mix_1b")
     for phase in phases:
         unknown = set(data.parse_weights(phase.mix)) - names
         if unknown:
             raise ValueError(f"mix_{phase.name}={phase.mix!r} names {sorted(unknown)}; the "
-                             f"sources are {sorted(names)}")
+                             f"sources are {sorted(names)} (--lang={cfg.lang} names the new "
+                             f"language's; {fix})")
 
 
 def check_sources(cfg):

@@ -20,8 +20,6 @@ from errors import CorpusError, warn
 from readers import file_kind, local_files, read_local
 
 ROOT = Path(__file__).resolve().parent
-BUNDLED = {f"{lang}_{part}": str(ROOT / "data" / f"{lang}_{part}.jsonl")
-           for lang in ("ko", "ja", "vi", "en") for part in ("train", "eval")}
 
 
 @dataclass(frozen=True)
@@ -43,6 +41,9 @@ LANGUAGES = {  # another language: one line here (and its script in tokenizer.SC
     "vi": Language("Vietnamese", "vie_Latn", "vietnamese", 3000,
                    "Thủ đô của Việt Nam là|Ngày xửa ngày xưa, ở một ngôi làng"),
 }
+# the offline corpora in data/ (demo presets, tests): LANG_train.jsonl, LANG_eval.jsonl
+BUNDLED = {f"{lang}_{part}": str(ROOT / "data" / f"{lang}_{part}.jsonl")
+           for lang in (*LANGUAGES, "en") for part in ("train", "eval")}
 
 
 def language_name(code: str) -> str:

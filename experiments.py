@@ -1,14 +1,16 @@
 """Does the method work? The seed's claims measured on the real SmolLM2-135M, on a CPU.
 
-    python experiments.py [--out runs/experiments] [--steps_1a 40] [--steps_1b 60] [--json F]
+    python experiments.py [--lang ko] [--out runs/experiments] [--steps_1a 40] [--steps_1b 60]
 
-1. Step-0 Korean and English bits per byte: the base model (base tokenizer), and the expanded
-   model with EEVE, mean and random init of the new rows (merged tokenizer).
+1. Step-0 bits per byte of the new language (Korean unless --lang says otherwise) and English:
+   the base model (base tokenizer), and the expanded model with EEVE, mean and random init of
+   the new rows (merged tokenizer).
 2. The same after an equally short Phase 1A for each init; then, from EEVE's Phase 1A, an
    equally short Phase 1B with and without the 10% English replay.
-3. Tokens per Korean character, and generation speed in tokens and characters per second.
-Everything else is the demo preset (bundled corpora, seq 256, fixed seeds). Writes a table, a
-PNG next to the JSON, and JSON with the keys the README's Results section quotes.
+3. Tokens per character of the new language, and generation speed in tokens and characters per
+   second.
+Everything else is the language's demo preset (bundled corpora, seq 256, fixed seeds). Writes a
+table, a PNG next to the JSON, and JSON with the keys the README's Results section quotes.
 """
 import argparse
 import dataclasses
@@ -23,6 +25,7 @@ from tokenizers import Tokenizer
 
 import bori
 from base_model import resolve_base
+from data import LANGUAGES, language_name
 from distributed import DistEnv
 from hf_io import from_pretrained
 from prepare import eval_sets, stage_init, stage_tokenizer
@@ -57,7 +60,7 @@ def run_init(cfg, root: Path, init: str, base_dir: Path) -> Path:
 
 
 def run_1b(cfg, root: Path, name: str, mix: str) -> Path:
-    """Phase 1B from EEVE's Phase 1A (model and Korean data position), with the given mix."""
+    """Phase 1B from EEVE's Phase 1A (model and data position), with the given mix."""
     out = root / name
     if not (out / "phase1a").is_dir():
         shutil.copytree(root / "eeve" / "tokenizer", out / "tokenizer")
@@ -87,7 +90,7 @@ def generation_speed(folder: Path, tok, prompt: str, n: int = 48) -> dict:
     return {"tokens_per_s": (out.shape[1] - idx.shape[1]) / dt, "chars_per_s": len(text) / dt}
 
 
-def plot(results: dict, runs: dict, path: Path):
+def plot(results: dict, runs: dict, path: Path, lang: str):
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -96,10 +99,10 @@ def plot(results: dict, runs: dict, path: Path):
         return
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
     for init in INITS:
-        pts = [(r["step"], r["ko_bpb"]) for r in evals_of(runs[init], "1a")]
+        pts = [(r["step"], r[f"{lang}_bpb"]) for r in evals_of(runs[init], "1a")]
         a.plot(*zip(*pts), "o-", ms=3, label=f"{init} init")
-    a.axhline(results["base_ko_bpb"], color="grey", ls="--", label="base model")
-    a.set(title="Korean bits/byte during Phase 1A", xlabel="step", ylabel="bits per byte")
+    a.axhline(results[f"base_{lang}_bpb"], color="grey", ls="--", label="base model")
+    a.set(title=f"{language_name(lang)} bits/byte during Phase 1A", xlabel="step", ylabel="bits per byte")
     for name, color in (("replay", "tab:green"), ("no_replay", "tab:red")):
         pts = [(r["step"], r["en_bpb"]) for r in evals_of(runs[name], "1b")]
         b.plot(*zip(*pts), "o-", ms=3, color=color, label=f"Phase 1B, {name.replace('_', ' ')}")
@@ -115,64 +118,69 @@ def plot(results: dict, runs: dict, path: Path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="runs/experiments")
+    p.add_argument("--lang", default="ko", choices=sorted(LANGUAGES))
+    p.add_argument("--out", help="default: runs/experiments, or runs/experiments-LANG")
     p.add_argument("--steps_1a", type=int, default=40)
     p.add_argument("--steps_1b", type=int, default=60)
     p.add_argument("--json", help="default: OUT/results.json")
     args = p.parse_args(argv)
-    root = Path(args.out)
+    lang = args.lang
+    root = Path(args.out or "runs/experiments" + ("" if lang == "ko" else f"-{lang}"))
     cfg = bori.load_config(bori.Config, bori.PRESETS, [
-        "--preset=demo", f"--out_dir={root}", f"--steps_1a={args.steps_1a}",
+        f"--preset=demo-{lang}", f"--out_dir={root}", f"--steps_1a={args.steps_1a}",
         f"--decay_1a={args.steps_1a // 5}", f"--steps_1b={args.steps_1b}",
         f"--decay_1b={args.steps_1b // 5}", "--eval_every=10", "--ckpt_every=1000"])
     torch.manual_seed(cfg.seed)
     base_dir = resolve_base(cfg.base)
     stage_tokenizer(make_run(cfg, root), base_dir)
     runs = {init: run_init(cfg, root, init, base_dir) for init in INITS}
-    runs["replay"] = run_1b(cfg, root, "replay", "ko=0.9,en=0.1")
-    runs["no_replay"] = run_1b(cfg, root, "no_replay", "ko=1.0")
+    runs["replay"] = run_1b(cfg, root, "replay", f"{lang}=0.9,en=0.1")
+    runs["no_replay"] = run_1b(cfg, root, "no_replay", f"{lang}=1.0")
     base = evals_of(runs["eeve"], "base")[0]
-    res = {"base_ko_bpb": base["ko_bpb"], "base_en_bpb": base["en_bpb"], "settings": {
+    res = {f"base_{lang}_bpb": base[f"{lang}_bpb"], "base_en_bpb": base["en_bpb"], "settings": {
+        "lang": lang, "new_tokens": cfg.new_tokens,
         "steps_1a": args.steps_1a, "steps_1b": args.steps_1b, "seq_len": cfg.seq_len,
         "batch_tokens": cfg.batch_tokens, "lr_1a": cfg.lr_1a, "lr_1b": cfg.lr_1b,
         "eval_bytes": cfg.eval_bytes}}
-    for lang in ("ko", "en"):
-        res[f"step0_{lang}_bpb"] = {"base": base[f"{lang}_bpb"], **{
-            i: evals_of(runs[i], "1a")[0][f"{lang}_bpb"] for i in INITS}}
-        res[f"after_1a_{lang}_bpb"] = {i: evals_of(runs[i], "1a")[-1][f"{lang}_bpb"]
+    for code in (lang, "en"):
+        res[f"step0_{code}_bpb"] = {"base": base[f"{code}_bpb"], **{
+            i: evals_of(runs[i], "1a")[0][f"{code}_bpb"] for i in INITS}}
+        res[f"after_1a_{code}_bpb"] = {i: evals_of(runs[i], "1a")[-1][f"{code}_bpb"]
                                        for i in INITS}
-        res[f"after_1b_{lang}_bpb"] = {n: evals_of(runs[n], "1b")[-1][f"{lang}_bpb"]
+        res[f"after_1b_{code}_bpb"] = {n: evals_of(runs[n], "1b")[-1][f"{code}_bpb"]
                                        for n in ("replay", "no_replay")}
     res["en_drift_after_1b"] = {n: v / res["base_en_bpb"] - 1
                                 for n, v in res["after_1b_en_bpb"].items()}
-    report = json.loads((root / "tokenizer" / "DONE.json").read_text())["ko"]
-    res["ko_tokens_per_char"] = {t: 1 / report[t]["chars_per_token"] for t in ("base", "merged")}
-    prompt = "대한민국의 헌법은"
+    report = json.loads((root / "tokenizer" / "DONE.json").read_text())[lang]
+    res[f"{lang}_tokens_per_char"] = {t: 1 / report[t]["chars_per_token"]
+                                      for t in ("base", "merged")}
+    prompt = LANGUAGES[lang].prompts.split("|")[0]
     res["generation"] = {
         "base": generation_speed(base_dir, Tokenizer.from_file(str(base_dir / "tokenizer.json")),
                                  prompt),
         "merged": generation_speed(runs["replay"] / "phase1b" / "model",
                                    bori_tokenizer(runs["replay"]), prompt)}
-    print(f"{'bits per byte':<28}{'Korean':>9}{'English':>9}")
-    rows = [("base model", "base_ko_bpb", "base_en_bpb", None)]
+    name = language_name(lang)
+    print(f"{'bits per byte':<28}{name:>11}{'English':>9}")
+    rows = [("base model", f"base_{lang}_bpb", "base_en_bpb", None)]
     for i in INITS:
-        rows += [(f"{i}, step 0", "step0_ko_bpb", "step0_en_bpb", i),
-                 (f"{i}, after 1A", "after_1a_ko_bpb", "after_1a_en_bpb", i)]
-    rows += [(f"1B {n.replace('_', ' ')}", "after_1b_ko_bpb", "after_1b_en_bpb", n)
+        rows += [(f"{i}, step 0", f"step0_{lang}_bpb", "step0_en_bpb", i),
+                 (f"{i}, after 1A", f"after_1a_{lang}_bpb", "after_1a_en_bpb", i)]
+    rows += [(f"1B {n.replace('_', ' ')}", f"after_1b_{lang}_bpb", "after_1b_en_bpb", n)
              for n in ("replay", "no_replay")]
-    for label, ko, en, key in rows:
-        k, e = (res[ko], res[en]) if key is None else (res[ko][key], res[en][key])
-        print(f"{label:<28}{k:>9.4f}{e:>9.4f}")
+    for label, new, en, key in rows:
+        k, e = (res[new], res[en]) if key is None else (res[new][key], res[en][key])
+        print(f"{label:<28}{k:>11.4f}{e:>9.4f}")
     print(f"English drift after 1B: replay {res['en_drift_after_1b']['replay']:+.1%}, "
           f"no replay {res['en_drift_after_1b']['no_replay']:+.1%}")
-    t = res["ko_tokens_per_char"]
+    t = res[f"{lang}_tokens_per_char"]
     g = res["generation"]
-    print(f"Korean tokens per character: base {t['base']:.3f}, merged {t['merged']:.3f}; "
+    print(f"{name} tokens per character: base {t['base']:.3f}, merged {t['merged']:.3f}; "
           f"generation chars/s: base {g['base']['chars_per_s']:.1f}, "
           f"merged {g['merged']['chars_per_s']:.1f}")
     json_path = Path(args.json or root / "results.json")
     json_path.write_text(json.dumps(res, indent=2))
-    plot(res, runs, json_path.with_suffix(".png"))
+    plot(res, runs, json_path.with_suffix(".png"), lang)
     print(f"wrote {json_path} and {json_path.with_suffix('.png')}")
     return res
 

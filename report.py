@@ -160,7 +160,7 @@ class Progress:
         elif self.show:
             print(f"phase {self.phase} step {step}/{self.steps} | "
                   + " | ".join(f"{k} {v}" for k, v in shown.items())
-                  + f" | elapsed {clock(elapsed)} | eta {clock(eta)} (the whole run)",
+                  + f" | phase time {clock(elapsed)} | eta {clock(eta)} (the whole run)",
                   file=sys.stderr, flush=True)
 
 
@@ -281,6 +281,7 @@ def model_card(run: Path) -> str:
     base_bpb, name = init["base_bpb"], f"bori-{run.name}"
     code = cfg.get("lang", "ko")
     lang, new = language_name(code), tok.get(code, {})
+    prompt = cfg.get("sample_prompts", "").split("|")[0] or "The capital of France is"
     gain = (new["merged"]["chars_per_token"] / new["base"]["chars_per_token"]) if new else None
     mix = ", ".join(f"{n} {v:.1%}" for n, v in p1b["mix"].items())
     base = HUB_NAMES.get(cfg["base"], cfg["base"] if is_hub_id(cfg["base"]) else shown(cfg["base"]))
@@ -299,14 +300,15 @@ def model_card(run: Path) -> str:
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         f'tok = AutoTokenizer.from_pretrained("{name}")  # this folder',
         f'model = AutoModelForCausalLM.from_pretrained("{name}")',
-        'ids = tok("대한민국의 수도는", return_tensors="pt")',
+        f'ids = tok({json.dumps(prompt, ensure_ascii=False)}, return_tensors="pt")',
         "print(tok.decode(model.generate(**ids, max_new_tokens=40)[0]))", "```", "",
-        f"With llama.cpp: `llama-cli -m {name}.gguf -p \"대한민국의 수도는\" -n 40` (the run "
+        f"With llama.cpp: `llama-cli -m {name}.gguf -p {json.dumps(prompt, ensure_ascii=False)} "
+        "-n 40` (the run "
         f"writes it as final.gguf, {cfg.get('gguf_type', 'f16')}).", "",
         "## Tokenizer", "",
         f"- {init['n_old_rows']:,} base tokens + {tok['new_tokens']:,} {lang} tokens = "
         f"{tok['vocab_size']:,}, appended as byte-level BPE merges: {tok.get('rule', '')} (so "
-        "English tokenizes as before)",
+        "text without it, English included, tokenizes as before)",
     ]
     if new:
         lines.append(f"- held-out {lang}: {new['base']['chars_per_token']:.3f} -> "
@@ -369,7 +371,8 @@ def summary(run: Path):
                      1 / new["merged"]["chars_per_token"]))
     print(f"\n{'':<26}{'base':>10}{'final':>10}")
     for name, before, after in rows:
-        worse = "  worse than the base" if "bits" in name and after > before else ""
+        worse = f"  {after / before - 1:+.1%}, worse than the base" if (
+            "bits" in name and after > before) else ""
         print(f"{name:<26}{before:>10.3f}{after:>10.3f}{worse}")
     files = [("model", run / "final"), ("card", run / "final" / "README.md"),
              ("llama.cpp", run / "final.gguf"), ("plot", run / "plots" / "training.png"),

@@ -51,14 +51,11 @@ def token_bytes(token: str) -> bytes:
 SCRIPTS = {
     "hangul": ("holds a Hangul syllable or jamo",
                [(0x1100, 0x11FF), (0x3130, 0x318F), (0xA960, 0xA97F), (0xAC00, 0xD7FF)]),
-    "japanese": ("holds kana (full or half width) or a kanji; kanji are shared with Chinese, so "
-                 "Chinese text may tokenize differently, text in other scripts does not",
+    "japanese": ("holds kana (full or half width) or a kanji (which Chinese text shares)",
                  [(0x3040, 0x30FF), (0x31F0, 0x31FF), (0xFF66, 0xFF9F), (0x3400, 0x4DBF),
                   (0x4E00, 0x9FFF), (0x3005, 0x3007)]),
-    "vietnamese": ("holds a letter with a Vietnamese diacritic (U+1EA0-U+1EF9, ă â đ ê ô ơ ư ĩ ũ, "
-                   "or à á ã è é ì í ò ó õ ù ú ý); plain ASCII never makes a new token, so English "
-                   "tokenizes exactly as before, while French, Spanish or Portuguese words with "
-                   "these accents may not",
+    "vietnamese": ("holds a letter with a Vietnamese diacritic (U+1EA0-U+1EF9, ă â đ ê ô ơ ư ĩ "
+                   "ũ, or à á ã è é ì í ò ó õ ù ú ý, which French, Spanish and Portuguese share)",
                    [(0x1EA0, 0x1EF9), (0x0102, 0x0103), (0x0110, 0x0111), (0x0128, 0x0129),
                     (0x0168, 0x0169), (0x01A0, 0x01A1), (0x01AF, 0x01B0),
                     *[(c, c) for c in map(ord, "ÀÁÂÃÈÉÊÌÍÒÓÔÕÙÚÝàáâãèéêìíòóôõùúý")]]),

@@ -92,3 +92,30 @@ def test_vietnamese_rule_cases():
     assert not T.holds_script(b"\xc3", "vietnamese")  # C3 also begins ä ö ü ñ ç
     ja = lambda s: T.holds_script(s.encode(), "japanese")  # noqa: E731
     assert ja("の") and ja("ｶ") and ja("漢") and ja("々") and not ja("ｆ") and not ja("한")
+
+
+def test_every_language_preset_is_one_recipe_with_its_own_values():
+    import bori
+    from config import load_config, validate
+    load = lambda *argv: load_config(bori.Config, bori.PRESETS, list(argv), bori.RENAMED)  # noqa
+    for code, lang in data.LANGUAGES.items():
+        for kind in ("bori", "demo"):
+            cfg = load(f"--preset={kind}-{code}")
+            validate(cfg, bori.recipe(cfg), 1)
+            assert (cfg.lang, cfg.unicode_script, cfg.new_tokens) == (code, lang.script,
+                                                                     lang.new_tokens)
+            assert (cfg.mix_1a, cfg.mix_1b) == (f"{code}=1.0", f"{code}=0.9,en=0.1")
+            if kind == "bori":
+                assert cfg.data_new == f"hf:HuggingFaceFW/fineweb-2:{lang.fineweb2}:train"
+            else:
+                assert cfg.data_new == data.BUNDLED[f"{code}_train"]
+    # Korean's presets are the seed's recipe and demo as they were; old flag names still work
+    strip = lambda cfg: {**vars(cfg), "out_dir": ""}  # noqa: E731
+    assert strip(load("--preset=bori-ko")) == strip(load("--preset=bori"))
+    assert strip(load("--preset=demo-ko")) == strip(load("--preset=demo"))
+    old = load("--preset=demo-vi", "--data_ko=a.txt", "--eval_ko=b.txt", "--script=hangul")
+    assert (old.data_new, old.eval_new, old.unicode_script) == ("a.txt", "b.txt", "hangul")
+    cfg = load("--preset=demo", "--lang=ja")  # Korean's mixes with Japanese named: one sentence
+    with pytest.raises(ValueError, match=r"names \['ko'\]; the sources are \['en', 'ja'\] "
+                       r"\(--lang=ja names the new language's; --preset=demo-ja or bori-ja"):
+        validate(cfg, bori.recipe(cfg), 1)

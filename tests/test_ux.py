@@ -74,7 +74,7 @@ def test_a_log_that_is_not_a_terminal_gets_plain_lines(tmp_path, tiny_base):
                          text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     lines = re.findall(r"^phase 1b step (\d+)/6 \| loss [\d.]+ \| bits/byte ~[\d.]+ \| lr "
-                       r"[\d.e+-]+ \| tok/s [\d,]+ \| elapsed \d\d:\d\d:\d\d \| eta "
+                       r"[\d.e+-]+ \| tok/s [\d,]+ \| phase time \d\d:\d\d:\d\d \| eta "
                        r"\d\d:\d\d:\d\d \(the whole run\)$", run.stderr, flags=re.M)
     assert lines == ["2", "4", "6"], run.stderr[-2000:]
     assert "\r" not in run.stderr and "mfu" not in run.stderr  # no bar; no MFU on a CPU
@@ -141,6 +141,8 @@ def test_the_card_shows_use_hides_local_paths_and_says_what_the_base_was(tiny_ru
     card = (tiny_run / "final" / "README.md").read_text()
     assert "from transformers import AutoModelForCausalLM" in card and "llama-cli -m" in card
     assert "/tmp/" not in card and str(tiny_run) not in card
+    prompt = json.loads((tiny_run / "config.json").read_text())["sample_prompts"].split("|")[0]
+    assert f'tok("{prompt}", return_tensors="pt")' in card and f'-p "{prompt}" -n 40' in card
     has_template = "chat_template" in json.loads(
         (tiny_run / "final" / "tokenizer_config.json").read_text())
     assert ("was instruction-tuned, and its chat template is kept" in card) == has_template
@@ -199,7 +201,7 @@ def test_the_summary_flags_a_language_that_got_worse(tmp_path, capsys):
         (tmp_path / stage / "DONE.json").write_text(json.dumps(done))
     report.summary(tmp_path)
     out = capsys.readouterr().out
-    assert re.search(r"English bits/byte +1\.000 +1\.100  worse than the base", out)
+    assert re.search(r"English bits/byte +1\.000 +1\.100  \+10\.0%, worse than the base", out)
     assert re.search(r"Korean bits/byte +2\.000 +1\.500$", out, flags=re.M)
     assert "model:" not in out  # no final/ here: the summary names only what exists
 
