@@ -72,7 +72,7 @@ def test_model_card_numbers_match_metrics(tiny_run):
     assert float(row[2]) == round(last["1b"]["en_bpb"], 4)
     train_1b = [r for r in recs if r["kind"] == "train" and r["phase"] == "1b"]
     assert f"| {len(train_1b)} | {train_1b[-1]['tokens']:,} |" in card
-    assert "license: apache-2.0" in card and "not an instruction-tuned one" in card
+    assert "license: apache-2.0" in card and "## Use" in card  # the template: test_ux
     report = json.loads((tiny_run / "tokenizer" / "report.json").read_text())
     assert f"{report['ko']['merged']['chars_per_token']:.3f} characters per token" in card
 
