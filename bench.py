@@ -233,7 +233,7 @@ def encode_tokens_per_s(tokenizer_dir, texts: list, repeat: int = 3) -> float:
     return n / best
 
 
-def main():
+def parse_args():
     p = argparse.ArgumentParser(description="ours vs transformers: train-step speed and memory")
     p.add_argument("--base", default=OFFLINE_BASE, help="the model both steps train")
     p.add_argument("--batch", type=int, help="micro-batch (default 1; with --recipe the "
@@ -255,6 +255,35 @@ def main():
     p.add_argument("--_peak", help=argparse.SUPPRESS)
     args = p.parse_args()
     args.batch = args.batch if args.batch is not None else 0 if args.recipe else 1
+    return args
+
+
+def print_steps(result: dict, args, device):
+    """The train-step table of time_steps' result, then the speed-ups, MFU and data speeds."""
+    print(f"train step, {args.batch}x{args.seq_len} tokens on {device}, {args.rounds} rounds")
+    print(f"{'':<23}{'median s':>10}{'min s':>8}{'max s':>8}{'tokens/s':>10}{'peak GiB':>10}")
+    for w in [k for k in result if isinstance(result[k], dict) and "median_s" in result[k]]:
+        # Both peaks are measured with fused AdamW, eager.
+        r, peak = result[w], {"ours": result["peak_gib"]["ours"],
+                              "reference+fus": result["peak_gib"]["reference"]}.get(w)
+        print(f"{w:<23}{r['median_s']:>10.3f}{r['min_s']:>8.3f}{r['max_s']:>8.3f}"
+              f"{r['tokens_per_s']:>10.0f}{'' if peak is None else f'{peak:.2f}':>10}")
+    ours = "ours+compile" if args.compile else "ours"
+    print(f"speedup, {ours} / reference: {result['speedup']:.2f}x; with the same fused AdamW"
+          f"{' and compiler' if args.compile else ''} (the model alone): "
+          f"{result['speedup_model']:.2f}x")
+    if args.compile:
+        print(f"speedup, ours (eager) / reference: {result['speedup_eager']:.2f}x")
+    print(f"our MFU against {args.peak_tflops} TFLOP/s: {result['mfu_ours']:.2%}")
+    speeds = ", ".join(f"{k} {v:,.0f}" for k, v in result["encode_tokens_per_s"].items())
+    print(f"Korean encode_batch tokens/s: {speeds}")
+    print(f"data stream: {result['data_tokens_per_s']:,.0f} tokens/s on one core, "
+          f"{result['data_tokens_per_s'] / result['ours']['tokens_per_s']:,.0f}x what this "
+          "device trains")
+
+
+def main():
+    args = parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     base_dir = resolve_base(args.base)
     if args._peak:  # the subprocess of peak_memory(): train a few steps, print peak RSS
@@ -285,26 +314,7 @@ def main():
         result["encode_tokens_per_s"]["merged"] = encode_tokens_per_s(args.merged, korean)
     result.update(device=str(device), batch=args.batch, seq=args.seq_len, rounds=args.rounds,
                   compile=args.compile)
-    print(f"train step, {args.batch}x{args.seq_len} tokens on {device}, {args.rounds} rounds")
-    print(f"{'':<23}{'median s':>10}{'min s':>8}{'max s':>8}{'tokens/s':>10}{'peak GiB':>10}")
-    for w in [k for k in result if isinstance(result[k], dict) and "median_s" in result[k]]:
-        # Both peaks are measured with fused AdamW, eager.
-        r, peak = result[w], {"ours": result["peak_gib"]["ours"],
-                              "reference+fus": result["peak_gib"]["reference"]}.get(w)
-        print(f"{w:<23}{r['median_s']:>10.3f}{r['min_s']:>8.3f}{r['max_s']:>8.3f}"
-              f"{r['tokens_per_s']:>10.0f}{'' if peak is None else f'{peak:.2f}':>10}")
-    ours = "ours+compile" if args.compile else "ours"
-    print(f"speedup, {ours} / reference: {result['speedup']:.2f}x; with the same fused AdamW"
-          f"{' and compiler' if args.compile else ''} (the model alone): "
-          f"{result['speedup_model']:.2f}x")
-    if args.compile:
-        print(f"speedup, ours (eager) / reference: {result['speedup_eager']:.2f}x")
-    print(f"our MFU against {args.peak_tflops} TFLOP/s: {result['mfu_ours']:.2%}")
-    speeds = ", ".join(f"{k} {v:,.0f}" for k, v in result["encode_tokens_per_s"].items())
-    print(f"Korean encode_batch tokens/s: {speeds}")
-    print(f"data stream: {result['data_tokens_per_s']:,.0f} tokens/s on one core, "
-          f"{result['data_tokens_per_s'] / result['ours']['tokens_per_s']:,.0f}x what this "
-          "device trains")
+    print_steps(result, args, device)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

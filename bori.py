@@ -393,7 +393,7 @@ def run_all(cfg: Config, env: DistEnv, stop: threading.Event) -> int:
     """config check -> tokenizer -> init -> the phases -> final; a finished stage is skipped."""
     out = Path(cfg.out_dir)
     with ExitStack() as held:  # rank 0 holds out_dir's lock until the run ends
-        on_master(env, record_run, cfg, env, held, RENAMED)
+        on_master(env, record_run, cfg, env, held)
         if (out / "final.gguf").is_file():  # finished already, with these settings
             return on_master(env, summary, out) or 0
         sink = open_sink(cfg.report_to, out, cfg, {"1b": cfg.steps_1a}, held, env.is_master)

@@ -38,10 +38,11 @@ def language(code: str, demo: bool) -> dict:
     """The recipe for another language: its fineweb-2 text (or for the demo the bundled one),
     its script's rule, its prompts, and the same 90/10 replay."""
     lang, hub = data.LANGUAGES[code], "hf:HuggingFaceFW/fineweb-2"
-    values = dict(lang=code, unicode_script=lang.script, new_tokens=lang.new_tokens, mix_1a=f"{code}=1.0",
-                  mix_1b=f"{code}=0.9,en=0.1", sample_prompts=lang.prompts + "|The capital of "
-                  "France is", data_new=f"{hub}:{lang.fineweb2}:train",
-                  eval_new=f"{hub}:{lang.fineweb2}:test", out_dir=f"runs/bori-{code}")
+    values = dict(lang=code, unicode_script=lang.script, new_tokens=lang.new_tokens,
+                  mix_1a=f"{code}=1.0", mix_1b=f"{code}=0.9,en=0.1",
+                  sample_prompts=lang.prompts + "|The capital of France is",
+                  data_new=f"{hub}:{lang.fineweb2}:train", eval_new=f"{hub}:{lang.fineweb2}:test",
+                  out_dir=f"runs/bori-{code}")
     if demo:
         values.update(DEMO, data_new=data.BUNDLED[f"{code}_train"], out_dir=f"runs/demo-{code}",
                       eval_new=data.BUNDLED[f"{code}_eval"])
@@ -54,6 +55,13 @@ PRESETS = {  # the first is the default
        for kind in ("bori", "demo")}}
 # old flag -> its field: old commands and old runs' config.json keep working
 RENAMED = {"script": "unicode_script", "data_ko": "data_new", "eval_ko": "eval_new"}
+
+
+def saved_config(path: Path, fix: str) -> dict:
+    """A run's config.json in today's names: old names mapped (RENAMED), and a run from before
+    --lang existed is Korean."""
+    saved = read_json(path, fix)
+    return {"lang": "ko", **{RENAMED.get(k, k): v for k, v in saved.items()}}
 
 META_FLAGS = ("preset", "config")  # flags that choose other values rather than set a field
 
@@ -255,13 +263,14 @@ def has_state(stage: Path) -> bool:
     return (stage / "DONE.json").is_file() or any(stage.glob("ckpt-*"))
 
 
-def check_resume(cfg, out: Path, world_size: int, renamed: dict) -> bool:
+def check_resume(cfg, out: Path, world_size: int) -> bool:
     """Refuse settings that contradict what out_dir already holds. True when out_dir holds a
     finished run made with these settings (there is nothing to do)."""
     if not (out / "config.json").is_file():
         return False
-    saved = read_json(out / "config.json", "delete it (it is written again) or use a new out_dir")
-    saved, now = {renamed.get(k, k): v for k, v in saved.items()}, asdict(cfg)
+    saved = saved_config(out / "config.json",
+                         "delete it (it is written again) or use a new out_dir")
+    now = asdict(cfg)
     if (out / "final.gguf").is_file():
         changed = [k for k in now if k not in NO_RESULT and k in saved and saved[k] != now[k]]
         what = "a finished run made"
@@ -279,14 +288,14 @@ def check_resume(cfg, out: Path, world_size: int, renamed: dict) -> bool:
     return (out / "final.gguf").is_file()
 
 
-def record_run(cfg, env, held: ExitStack, renamed: dict):
+def record_run(cfg, env, held: ExitStack):
     """Rank 0: lock out_dir for this run (held until it ends), check the settings against
     what it holds, and write them to config.json unless the run is finished already."""
     out = Path(cfg.out_dir)
     with disk_errors(out):
         out.mkdir(parents=True, exist_ok=True)
     held.enter_context(lock_dir(out))
-    if check_resume(cfg, out, env.world_size, renamed):
+    if check_resume(cfg, out, env.world_size):
         print(f"{out} holds a finished run with these settings:", flush=True)
         return
     record = {**asdict(cfg), "world_size": env.world_size, "device_name": str(env.device),

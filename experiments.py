@@ -102,7 +102,8 @@ def plot(results: dict, runs: dict, path: Path, lang: str):
         pts = [(r["step"], r[f"{lang}_bpb"]) for r in evals_of(runs[init], "1a")]
         a.plot(*zip(*pts), "o-", ms=3, label=f"{init} init")
     a.axhline(results[f"base_{lang}_bpb"], color="grey", ls="--", label="base model")
-    a.set(title=f"{language_name(lang)} bits/byte during Phase 1A", xlabel="step", ylabel="bits per byte")
+    a.set(title=f"{language_name(lang)} bits/byte during Phase 1A", xlabel="step",
+          ylabel="bits per byte")
     for name, color in (("replay", "tab:green"), ("no_replay", "tab:red")):
         pts = [(r["step"], r["en_bpb"]) for r in evals_of(runs[name], "1b")]
         b.plot(*zip(*pts), "o-", ms=3, color=color, label=f"Phase 1B, {name.replace('_', ' ')}")
@@ -114,6 +115,28 @@ def plot(results: dict, runs: dict, path: Path, lang: str):
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def print_table(res: dict, lang: str):
+    """The results as the README's Results table, then drift, tokens and generation speed."""
+    name = language_name(lang)
+    print(f"{'bits per byte':<28}{name:>11}{'English':>9}")
+    rows = [("base model", f"base_{lang}_bpb", "base_en_bpb", None)]
+    for i in INITS:
+        rows += [(f"{i}, step 0", f"step0_{lang}_bpb", "step0_en_bpb", i),
+                 (f"{i}, after 1A", f"after_1a_{lang}_bpb", "after_1a_en_bpb", i)]
+    rows += [(f"1B {n.replace('_', ' ')}", f"after_1b_{lang}_bpb", "after_1b_en_bpb", n)
+             for n in ("replay", "no_replay")]
+    for label, new, en, key in rows:
+        k, e = (res[new], res[en]) if key is None else (res[new][key], res[en][key])
+        print(f"{label:<28}{k:>11.4f}{e:>9.4f}")
+    print(f"English drift after 1B: replay {res['en_drift_after_1b']['replay']:+.1%}, "
+          f"no replay {res['en_drift_after_1b']['no_replay']:+.1%}")
+    t = res[f"{lang}_tokens_per_char"]
+    g = res["generation"]
+    print(f"{name} tokens per character: base {t['base']:.3f}, merged {t['merged']:.3f}; "
+          f"generation chars/s: base {g['base']['chars_per_s']:.1f}, "
+          f"merged {g['merged']['chars_per_s']:.1f}")
 
 
 def main(argv=None):
@@ -160,24 +183,7 @@ def main(argv=None):
                                  prompt),
         "merged": generation_speed(runs["replay"] / "phase1b" / "model",
                                    bori_tokenizer(runs["replay"]), prompt)}
-    name = language_name(lang)
-    print(f"{'bits per byte':<28}{name:>11}{'English':>9}")
-    rows = [("base model", f"base_{lang}_bpb", "base_en_bpb", None)]
-    for i in INITS:
-        rows += [(f"{i}, step 0", f"step0_{lang}_bpb", "step0_en_bpb", i),
-                 (f"{i}, after 1A", f"after_1a_{lang}_bpb", "after_1a_en_bpb", i)]
-    rows += [(f"1B {n.replace('_', ' ')}", f"after_1b_{lang}_bpb", "after_1b_en_bpb", n)
-             for n in ("replay", "no_replay")]
-    for label, new, en, key in rows:
-        k, e = (res[new], res[en]) if key is None else (res[new][key], res[en][key])
-        print(f"{label:<28}{k:>11.4f}{e:>9.4f}")
-    print(f"English drift after 1B: replay {res['en_drift_after_1b']['replay']:+.1%}, "
-          f"no replay {res['en_drift_after_1b']['no_replay']:+.1%}")
-    t = res[f"{lang}_tokens_per_char"]
-    g = res["generation"]
-    print(f"{name} tokens per character: base {t['base']:.3f}, merged {t['merged']:.3f}; "
-          f"generation chars/s: base {g['base']['chars_per_s']:.1f}, "
-          f"merged {g['merged']['chars_per_s']:.1f}")
+    print_table(res, lang)
     json_path = Path(args.json or root / "results.json")
     json_path.write_text(json.dumps(res, indent=2))
     plot(res, runs, json_path.with_suffix(".png"), lang)

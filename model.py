@@ -160,7 +160,7 @@ def residual_linear(linear: nn.Linear, x):
     is first scaled by a power of two (exact) that keeps the output's bound,
     max|x| * max_i sum_j |W_ij|, under 2^15, and the output is scaled back in fp32."""
     device = x.device.type
-    if not (torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16):
+    if not torch.is_autocast_enabled(device) or torch.get_autocast_dtype(device) != torch.float16:
         return linear(x)
     bound = x.detach().abs().amax().float() * linear.weight.detach().abs().sum(1).amax().float()
     scale = torch.exp2(torch.floor(torch.log2(2.0**15 / bound.clamp_min(1e-30)))).clamp(max=1.0)

@@ -19,6 +19,7 @@ from atomic import atomic_file, disk_errors, write_text
 from errors import warn
 from base_model import is_hub_id
 from checkpoint import read_json
+from config import saved_config
 from data import language_name
 
 
@@ -217,7 +218,7 @@ def plot(run: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     recs = records(run)
-    cfg = read_json(run / "config.json", "run bori again to rewrite it")
+    cfg = saved_config(run / "config.json", "run bori again to rewrite it")
     per_step, offset = cfg["batch_tokens"], {"1b": cfg["steps_1a"] * cfg["batch_tokens"]}
 
     def x(r):
@@ -234,7 +235,7 @@ def plot(run: Path):
     ax.plot([x(r) for r in train], smooth([r["loss"] for r in train]), color="tab:blue",
             label="smoothed")
     ax.set_title("training loss (nats per token)")
-    code = cfg.get("lang", "ko")
+    code = cfg["lang"]
     for ax, lang, color in ((axes[0, 1], code, "tab:red"), (axes[0, 2], "en", "tab:green")):
         name = language_name(lang)
         ax.plot([x(r) for r in evals], [r[f"{lang}_bpb"] for r in evals], "o-", color=color,
@@ -272,14 +273,27 @@ def shown(spec: str) -> str:
     return spec if spec.startswith("hf:") else f"{Path(spec.split('#')[0]).name} (local)"
 
 
+def usage(name: str, prompt: str, gguf_type: str) -> list:
+    """The card's "Use" section: transformers and llama.cpp, with the run's first prompt."""
+    quoted = json.dumps(prompt, ensure_ascii=False)
+    return ["## Use", "", "```python",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            f'tok = AutoTokenizer.from_pretrained("{name}")  # this folder',
+            f'model = AutoModelForCausalLM.from_pretrained("{name}")',
+            f'ids = tok({quoted}, return_tensors="pt")',
+            "print(tok.decode(model.generate(**ids, max_new_tokens=40)[0]))", "```", "",
+            f"With llama.cpp: `llama-cli -m {name}.gguf -p {quoted} -n 40` (the run writes it "
+            f"as final.gguf, {gguf_type}).", ""]
+
+
 def model_card(run: Path) -> str:
     """README.md for the exported model, every number taken from the run's records."""
-    cfg = read_json(run / "config.json", "run bori again with the run's settings to rewrite it")
+    cfg = saved_config(run / "config.json", "run bori again with the run's settings to rewrite it")
     tok, init, p1a, p1b = (done(run, s) for s in ("tokenizer", "init", "phase1a", "phase1b"))
     tied = read_json(run / "init" / "config.json", f"delete {run / 'init'}")["tie_word_embeddings"]
     chat = "chat_template" in read_json(run / "final" / "tokenizer_config.json", "export again")
     base_bpb, name = init["base_bpb"], f"bori-{run.name}"
-    code = cfg.get("lang", "ko")
+    code = cfg["lang"]
     lang, new = language_name(code), tok.get(code, {})
     prompt = cfg.get("sample_prompts", "").split("|")[0] or "The capital of France is"
     gain = (new["merged"]["chars_per_token"] / new["base"]["chars_per_token"]) if new else None
@@ -296,15 +310,7 @@ def model_card(run: Path) -> str:
         f"# {name}: {base} taught {lang} with bori", "",
         f"{kind}. It does not follow instructions reliably, and it can state false things "
         "fluently.", "",
-        "## Use", "", "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        f'tok = AutoTokenizer.from_pretrained("{name}")  # this folder',
-        f'model = AutoModelForCausalLM.from_pretrained("{name}")',
-        f'ids = tok({json.dumps(prompt, ensure_ascii=False)}, return_tensors="pt")',
-        "print(tok.decode(model.generate(**ids, max_new_tokens=40)[0]))", "```", "",
-        f"With llama.cpp: `llama-cli -m {name}.gguf -p {json.dumps(prompt, ensure_ascii=False)} "
-        "-n 40` (the run "
-        f"writes it as final.gguf, {cfg.get('gguf_type', 'f16')}).", "",
+        *usage(name, prompt, cfg.get("gguf_type", "f16")),
         "## Tokenizer", "",
         f"- {init['n_old_rows']:,} base tokens + {tok['new_tokens']:,} {lang} tokens = "
         f"{tok['vocab_size']:,}, appended as byte-level BPE merges: {tok.get('rule', '')} (so "
@@ -324,7 +330,7 @@ def model_card(run: Path) -> str:
         f"| 1A | embeddings only | {cfg['mix_1a']} | {p1a['steps']:,} | {p1a['tokens']:,} |",
         f"| 1B | all parameters | {cfg['mix_1b']} (realised: {mix}) | {p1b['steps']:,} | "
         f"{p1b['tokens']:,} |", "",
-        f"{lang}: {shown(cfg.get('data_new', cfg.get('data_ko')))}; English replay: "
+        f"{lang}: {shown(cfg['data_new'])}; English replay: "
         f"{shown(cfg['data_en'])}. Sequence "
         f"length {cfg['seq_len']}, {cfg['batch_tokens']:,} tokens per step, AdamW "
         f"(betas {cfg['beta1']}, {cfg['beta2']}), WSD schedule ({cfg['decay_shape']} decay to "
@@ -335,7 +341,7 @@ def model_card(run: Path) -> str:
         f"| {lang} | {base_bpb[f'{code}_bpb']:.4f} | {p1a[f'{code}_bpb']:.4f} | "
         f"{p1b[f'{code}_bpb']:.4f} |",
         f"| English | {base_bpb['en_bpb']:.4f} | {p1a['en_bpb']:.4f} | {p1b['en_bpb']:.4f} |", "",
-        f"{lang} held out: {shown(cfg.get('eval_new', cfg.get('eval_ko')))}; English: "
+        f"{lang} held out: {shown(cfg['eval_new'])}; English: "
         f"{shown(cfg['eval_en'])}; "
         f"{cfg['eval_bytes']:,} bytes each, each document scored from its own start in windows "
         f"of {cfg['seq_len']} tokens. Bits per byte compare across tokenizers.", "",
@@ -359,7 +365,7 @@ def write(run: Path) -> list:
 def summary(run: Path):
     """The closing table, base vs final (a language that got worse is flagged), and the files
     the run leaves (only those that exist)."""
-    code = read_json(run / "config.json", "run bori again").get("lang", "ko") if (
+    code = saved_config(run / "config.json", "run bori again")["lang"] if (
         run / "config.json").is_file() else "ko"
     new, base, final = done(run, "tokenizer").get(code), done(run, "init")["base_bpb"], \
         done(run, "phase1b")
