@@ -152,6 +152,7 @@ def eval_docs(path: str, max_bytes: int, text_field: str = "text", count: bool =
         raise ValueError(f"eval source {path!r} has no text")
     return (docs, examples) if count else docs
 
+
 def training_source(name: str, path: str, eval_path: str, eval_bytes: int, text_field: str,
                     flag: str = ""):
     """A source to train on. When its eval set reads the same source, the examples that set
