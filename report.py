@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import json
 import math
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -67,7 +68,7 @@ class Sink:
                 import wandb
                 id_file = out / "wandb_id.txt"  # one W&B run across resumes
                 if not id_file.is_file():
-                    id_file.write_text(wandb.util.generate_id())
+                    id_file.write_text(secrets.token_hex(4))  # wandb 0.31 dropped util.generate_id
                 run_id = id_file.read_text().strip()
                 self.writer = wandb.init(project="bori", name=out.name, id=run_id, dir=str(out),
                                          config=config, resume="allow")
