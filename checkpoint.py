@@ -110,8 +110,8 @@ def set_aside_damaged(phase_dir: Path):
 def load_checkpoint(ckpt: Path, optimizer, scaler, mixture, rank: int, device) -> dict:
     """Restore everything but the weights (loaded with the model) onto this rank's device;
     returns the trainer counters (step among them)."""
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device,
-                                         weights_only=True))
+    state = torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True)
+    optimizer.load_state_dict(state)
     trainer = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=True)
     scaler_state = trainer.pop("scaler")
     if scaler_state:  # empty from an fp32 run: an fp16 run resuming it starts a fresh scale

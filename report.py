@@ -287,14 +287,24 @@ def usage(name: str, prompt: str, gguf_type: str) -> list:
             f"as final.gguf, {gguf_type}).", ""]
 
 
+def held_out(cfg: dict, lang: str, records: list) -> list:
+    """The card's bits-per-byte table: the base model's, after Phase 1A's and the final."""
+    rows = [f"| {name} | " + " | ".join(f"{r[key]:.4f}" for r in records) + " |"
+            for name, key in ((lang, f"{cfg['lang']}_bpb"), ("English", "en_bpb"))]
+    return ["## Held-out bits per byte (lower is better)", "",
+            "| text | base model | after Phase 1A | final |", "|---|---|---|---|", *rows, "",
+            f"{lang} held out: {shown(cfg['eval_new'])}; English: {shown(cfg['eval_en'])}; "
+            f"{cfg['eval_bytes']:,} bytes each, each document scored from its own start in "
+            f"windows of {cfg['seq_len']} tokens. Bits per byte compare across tokenizers.", ""]
+
+
 def model_card(run: Path) -> str:
     """README.md for the exported model, every number taken from the run's records."""
     cfg = saved_config(run / "config.json", "run bori again with the run's settings to rewrite it")
     tok, init, p1a, p1b = (done(run, s) for s in ("tokenizer", "init", "phase1a", "phase1b"))
     tied = read_json(run / "init" / "config.json", f"delete {run / 'init'}")["tie_word_embeddings"]
     chat = "chat_template" in read_json(run / "final" / "tokenizer_config.json", "export again")
-    base_bpb, name = init["base_bpb"], f"bori-{run.name}"
-    code = cfg["lang"]
+    name, code = f"bori-{run.name}", cfg["lang"]
     lang, new = language_name(code), tok.get(code, {})
     prompt = cfg.get("sample_prompts", "").split("|")[0] or "The capital of France is"
     gain = (new["merged"]["chars_per_token"] / new["base"]["chars_per_token"]) if new else None
@@ -331,21 +341,12 @@ def model_card(run: Path) -> str:
         f"| 1A | embeddings only | {cfg['mix_1a']} | {p1a['steps']:,} | {p1a['tokens']:,} |",
         f"| 1B | all parameters | {cfg['mix_1b']} (realised: {mix}) | {p1b['steps']:,} | "
         f"{p1b['tokens']:,} |", "",
-        f"{lang}: {shown(cfg['data_new'])}; English replay: "
-        f"{shown(cfg['data_en'])}. Sequence "
+        f"{lang}: {shown(cfg['data_new'])}; English replay: {shown(cfg['data_en'])}. Sequence "
         f"length {cfg['seq_len']}, {cfg['batch_tokens']:,} tokens per step, AdamW "
         f"(betas {cfg['beta1']}, {cfg['beta2']}), WSD schedule ({cfg['decay_shape']} decay to "
         f"{cfg['min_lr_ratio']:g} of peak), peak lr {cfg['lr_1a']:g} / {cfg['lr_1b']:g}. "
-        f"Hardware: {cfg['world_size']} x {cfg['device_name']}, {precision}.",
-        "", "## Held-out bits per byte (lower is better)", "",
-        "| text | base model | after Phase 1A | final |", "|---|---|---|---|",
-        f"| {lang} | {base_bpb[f'{code}_bpb']:.4f} | {p1a[f'{code}_bpb']:.4f} | "
-        f"{p1b[f'{code}_bpb']:.4f} |",
-        f"| English | {base_bpb['en_bpb']:.4f} | {p1a['en_bpb']:.4f} | {p1b['en_bpb']:.4f} |", "",
-        f"{lang} held out: {shown(cfg['eval_new'])}; English: "
-        f"{shown(cfg['eval_en'])}; "
-        f"{cfg['eval_bytes']:,} bytes each, each document scored from its own start in windows "
-        f"of {cfg['seq_len']} tokens. Bits per byte compare across tokenizers.", "",
+        f"Hardware: {cfg['world_size']} x {cfg['device_name']}, {precision}.", "",
+        *held_out(cfg, lang, [init["base_bpb"], p1a, p1b]),
         "## Licence", "", "Apache 2.0, as the base model. Made with bori.", ""]
     return "\n".join(lines)
 
