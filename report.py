@@ -287,8 +287,9 @@ def usage(name: str, prompt: str, gguf_type: str) -> list:
             f"as final.gguf, {gguf_type}).", ""]
 
 
-def held_out(cfg: dict, lang: str, records: list) -> list:
-    """The card's bits-per-byte table: the base model's, after Phase 1A's and the final."""
+def held_out(cfg: dict, records: list) -> list:
+    """The card's bits-per-byte table from the base model's, Phase 1A's and the final records."""
+    lang = language_name(cfg["lang"])
     rows = [f"| {name} | " + " | ".join(f"{r[key]:.4f}" for r in records) + " |"
             for name, key in ((lang, f"{cfg['lang']}_bpb"), ("English", "en_bpb"))]
     return ["## Held-out bits per byte (lower is better)", "",
@@ -346,7 +347,7 @@ def model_card(run: Path) -> str:
         f"(betas {cfg['beta1']}, {cfg['beta2']}), WSD schedule ({cfg['decay_shape']} decay to "
         f"{cfg['min_lr_ratio']:g} of peak), peak lr {cfg['lr_1a']:g} / {cfg['lr_1b']:g}. "
         f"Hardware: {cfg['world_size']} x {cfg['device_name']}, {precision}.", "",
-        *held_out(cfg, lang, [init["base_bpb"], p1a, p1b]),
+        *held_out(cfg, [init["base_bpb"], p1a, p1b]),
         "## Licence", "", "Apache 2.0, as the base model. Made with bori.", ""]
     return "\n".join(lines)
 
