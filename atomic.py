@@ -119,6 +119,15 @@ def lock_dir(folder: Path):
         f.close()
 
 
+def read_json(path: Path, hint: str):
+    """A JSON state file, or one sentence naming it and what to do (hint)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:  # ValueError: cut short, edited, or not UTF-8
+        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        raise ValueError(f"{path} is unreadable ({reason}); {hint}") from None
+
+
 @contextmanager
 def disk_errors(what):
     """Turn a failed write into one sentence naming what could not be written, and the fix."""

@@ -36,8 +36,7 @@ from tokenizers import Tokenizer
 import bori
 import data
 import plan
-from base_model import resolve_base
-from convert_gguf import OFFLINE_BASE
+from inputs import OFFLINE_BASE, resolve_base
 from distributed import DistEnv
 from hf_io import from_pretrained
 from model import expand_vocab, flops_per_token
@@ -151,14 +150,17 @@ def recipe_steps(args, base_dir, device) -> dict:
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory / 2**30
         torch.cuda.set_per_process_memory_fraction(min(1.0, plan.T4_GIB / total), device)
-    mb = args.batch or plan.largest_micro_batch(model.cfg, args.seq_len, True, gpu_gib, dtype, 64)
+    mb = args.batch or plan.largest_micro_batch(model.cfg, args.seq_len, checkpointing=True,
+                                                gpu_gib=gpu_gib, dtype=dtype, limit=64)
     accum = args.accum or max(1, 131_072 // 2 // (mb * args.seq_len))  # one of two GPUs' share
     cfg = bori.Config(micro_batch=mb, seq_len=args.seq_len)
     run = SimpleNamespace(cfg=cfg, env=DistEnv(device=device),
                           ctx=torch.autocast(device.type, dtype=dtype, enabled=amp))
-    optimizer = bori.make_optimizer(model, cfg, bori.recipe(cfg)[1])
-    t = bori.Training(Path("."), model, torch.compile(model) if args.compile else model,
-                      optimizer, torch.amp.GradScaler(device.type, enabled=amp), None)
+    optimizer = bori.make_optimizer(model, cfg, bori.recipe(cfg)[-1])  # the phase training all
+    training = bori.Training(phase_dir=Path("."), raw_model=model,
+                             model=torch.compile(model) if args.compile else model,
+                             optimizer=optimizer, mixture=None,
+                             scaler=torch.amp.GradScaler(device.type, enabled=amp))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
@@ -167,7 +169,7 @@ def recipe_steps(args, base_dir, device) -> dict:
             torch.randint(0, model.cfg.vocab_size, (mb, args.seq_len)) for _ in range(accum))]
         sync(device)
         t0 = time.perf_counter()
-        bori.train_step(run, t, batches)
+        bori.train_step(run, training, batches)
         sync(device)
         times.append(time.perf_counter() - t0)
     tok_s = accum * mb * args.seq_len / statistics.median(times[args.warmup:])
@@ -175,7 +177,8 @@ def recipe_steps(args, base_dir, device) -> dict:
     cuda = device.type == "cuda"
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     reserved = torch.cuda.max_memory_reserved() / 2**30 if cuda else None
-    need = plan.memory_plan(model.cfg, args.seq_len, mb, True, dtype)
+    need = plan.memory_plan(model.cfg, args.seq_len, micro_batch=mb, checkpointing=True,
+                            dtype=dtype)
     return {"device": str(device), "compile": args.compile, "micro_batch": mb, "accum": accum,
             "seq": args.seq_len, "tokens_per_s": tok_s,
             "mfu": tok_s * flops / (args.peak_tflops * 1e12), "peak_gib": peak,

@@ -12,6 +12,7 @@ from the last checkpoint. Every knob of the recipe is in Config below; `--key=va
 any of them. The defaults are the seed recipe: Korean.
 """
 import dataclasses
+import functools
 import math
 import os
 import shutil
@@ -28,20 +29,23 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import tokenizer
-from checkpoint import (export_folder, latest_checkpoint, load_checkpoint, read_done, read_json,
+from atomic import read_json
+from checkpoint import (export_folder, latest_checkpoint, load_checkpoint, read_done,
                         save_checkpoint, set_aside_damaged, take_over_streams, write_done)
-from config import (PRESETS, RENAMED, check_sources, fit_micro_batch, help_text, load_config,
-                    parse_flags, record_run, validate)
-from distributed import (DistEnv, all_sum, autocast, barrier, on_master, print0,
+from config import (PRESETS, fit_micro_batch, grad_accum, help_text, load_config, parse_flags,
+                    validate)
+from distributed import (DistEnv, all_sum, autocast, barrier, launched, on_master, print0,
                          setup_distributed, shutdown, stop_on_signals)
 from errors import CorpusError, PeerStopped, TrainingDiverged, TrainingStopped, exit_code
 from evaluate import evaluate, samples
-from export_gguf import export_run
+from final import export_run, summary
 from hf_io import from_pretrained
+from inputs import check_sources
 from model import Llama, flops_per_token
 from plan import plan_for_run
 from prepare import eval_sets, prepare_model
-from report import Metrics, Progress, bytes_per_token, open_sink, summary
+from rundir import RENAMED, add_to_record, record_run
+from runlog import Metrics, Progress, bytes_per_token, open_sink
 from schedule import lr_at
 
 @dataclass
@@ -124,13 +128,29 @@ class Phase:
     trains: str  # "embeddings", "new_rows" (of the embedding) or "all"
     seed: int  # of the mixture's draws
 
+    @property
+    def folder(self) -> str:
+        """Its folder in out_dir: checkpoints, the hand-over of its data streams, its model."""
+        return f"phase{self.name}"
+
 
 def recipe(cfg: Config) -> list:
-    """The two phases, from Config's flat fields (so --lr_1b=... sets Phase 1B's lr)."""
-    return [Phase("1a", cfg.steps_1a, cfg.lr_1a, cfg.warmup_1a, cfg.decay_1a, cfg.mix_1a,
-                  "new_rows" if cfg.new_rows_only else "embeddings", cfg.seed),
-            Phase("1b", cfg.steps_1b, cfg.lr_1b, cfg.warmup_1b, cfg.decay_1b, cfg.mix_1b,
-                  "all", cfg.seed + 1)]
+    """The two phases, from Config's flat fields (so --lr_1b=... sets Phase 1B's lr). The one
+    place that names them: every other module reads these records (or config.json's copy)."""
+    return [Phase(name="1a", steps=cfg.steps_1a, lr=cfg.lr_1a, warmup=cfg.warmup_1a,
+                  decay=cfg.decay_1a, mix=cfg.mix_1a,
+                  trains="new_rows" if cfg.new_rows_only else "embeddings", seed=cfg.seed),
+            Phase(name="1b", steps=cfg.steps_1b, lr=cfg.lr_1b, warmup=cfg.warmup_1b,
+                  decay=cfg.decay_1b, mix=cfg.mix_1b, trains="all", seed=cfg.seed + 1)]
+
+
+def sources(cfg: Config) -> list:
+    """The run's two corpora: the new language first (its code names it in a mix), then the
+    English replay; each with the held-out source its score reads."""
+    return [data.Corpus(name=cfg.lang, train=cfg.data_new, held_out=cfg.eval_new,
+                        train_flag="data_new", held_out_flag="eval_new"),
+            data.Corpus(name="en", train=cfg.data_en, held_out=cfg.eval_en,
+                        train_flag="data_en", held_out_flag="eval_en")]
 
 
 @dataclass
@@ -141,10 +161,14 @@ class Run:
     metrics: Metrics
     evals: dict  # held-out texts per language
     stop: threading.Event  # set by SIGTERM or Ctrl-C; read at step boundaries and between stages
+    phases: list = None  # recipe(cfg), unless given
+    corpora: list = None  # sources(cfg), unless given
 
     def __post_init__(self):
         self.out = Path(self.cfg.out_dir)
         self.ctx, self.amp_dtype = autocast(self.cfg.dtype, self.env.device)
+        self.phases = self.phases or recipe(self.cfg)
+        self.corpora = self.corpora or sources(self.cfg)
 
     def check_stop(self, before: str):
         if self.stop.is_set():
@@ -197,7 +221,7 @@ def make_optimizer(raw_model: Llama, cfg: Config, phase: Phase):
 
 def setup_phase(run: Run, phase: Phase, start_dir: Path, tok, n_old_rows: int) -> Training:
     """The model from start_dir or the newest whole checkpoint, and all that resumes with it."""
-    cfg, env, phase_dir = run.cfg, run.env, run.out / f"phase{phase.name}"
+    cfg, env, phase_dir = run.cfg, run.env, run.out / phase.folder
     phase_dir.mkdir(parents=True, exist_ok=True)
     on_master(env, set_aside_damaged, phase_dir)
     ckpt = latest_checkpoint(phase_dir)
@@ -211,179 +235,194 @@ def setup_phase(run: Run, phase: Phase, start_dir: Path, tok, n_old_rows: int) -
     model = torch.compile(model) if cfg.compile else model
     optimizer = make_optimizer(raw_model, cfg, phase)
     scaler = torch.amp.GradScaler(env.device.type, enabled=run.amp_dtype == torch.float16)
-    sources = {name: data.training_source(name, getattr(cfg, f"data_{key}"),
-                                          getattr(cfg, f"eval_{key}"), cfg.eval_bytes,
-                                          cfg.text_field, f"data_{key}")
-               for name, key in ((cfg.lang, "new"), ("en", "en"))}
-    mixture = data.Mixture(sources, data.parse_weights(phase.mix), tok,
-                           tok.token_to_id(data.EOS_TOKEN), cfg.seq_len, cfg.micro_batch,
-                           phase.seed, env.rank, env.world_size)
-    t = Training(phase_dir, raw_model, model, optimizer, scaler, mixture)
+    streams = {corpus.name: data.training_source(corpus, cfg.eval_bytes, cfg.text_field)
+               for corpus in run.corpora}
+    mixture = data.Mixture(streams, data.parse_weights(phase.mix), tok,
+                           eos_id=tok.token_to_id(data.EOS_TOKEN), seq_len=cfg.seq_len,
+                           batch_size=cfg.micro_batch, seed=phase.seed, rank=env.rank,
+                           world_size=env.world_size)
+    training = Training(phase_dir=phase_dir, raw_model=raw_model, model=model,
+                        optimizer=optimizer, scaler=scaler, mixture=mixture)
     if ckpt:
-        vars(t).update(load_checkpoint(ckpt, optimizer, scaler, mixture, env.rank, env.device))
-        print0(env, f"phase {phase.name}: resuming from {ckpt} at step {t.step}")
-        if t.step > phase.steps:
-            raise ValueError(f"{ckpt} is at step {t.step}, past steps_{phase.name}="
-                             f"{phase.steps}; use steps_{phase.name}>={t.step}, or delete "
-                             f"{phase_dir} to train the phase again")
+        counters = load_checkpoint(ckpt, optimizer, scaler, mixture, rank=env.rank,
+                                   device=env.device)
+        training.step, training.applied = counters["step"], counters["applied"]
+        training.bad_steps = counters["bad_steps"]
+        print0(env, f"phase {phase.name}: resuming from {ckpt} at step {training.step}")
+        if training.step > phase.steps:
+            raise ValueError(f"{ckpt} is at step {training.step}, past steps_{phase.name}="
+                             f"{phase.steps}; use steps_{phase.name}>={training.step}, or "
+                             f"delete {phase_dir} to train the phase again")
     elif start_dir.name == "model":  # a phase's export: its streams go on where they stopped
-        t.bad_steps = take_over_streams(mixture, start_dir.parent, env.rank)
-    run.metrics.truncate_after(phase.name, t.step)  # what a killed run logged after its ckpt
-    return t
+        training.bad_steps = take_over_streams(mixture, start_dir.parent, env.rank)
+    run.metrics.truncate_after(phase.name, training.step)  # a killed run's log after its ckpt
+    return training
 
 
-def save(run: Run, t: Training, data_state: dict = None):
+def save(run: Run, training: Training, data_state: dict = None):
     """A checkpoint of this step; data_state: the mixture's state at it (default: now)."""
-    counters = {"step": t.step, "applied": t.applied, "bad_steps": t.bad_steps}
-    save_checkpoint(t.phase_dir, t.raw_model, t.optimizer, t.scaler, counters,
-                    data_state or t.mixture.state_dict(), run.cfg.keep_ckpts, run.env.rank,
-                    run.env.device)
+    counters = {"step": training.step, "applied": training.applied,
+                "bad_steps": training.bad_steps}
+    save_checkpoint(training.phase_dir, training.raw_model, training.optimizer,
+                    scaler=training.scaler, trainer=counters,
+                    data_state=data_state or training.mixture.state_dict(),
+                    keep=run.cfg.keep_ckpts, rank=run.env.rank, device=run.env.device)
 
 
-def next_batches(run: Run, t: Training, accum: int) -> list:
+def next_batches(run: Run, training: Training, accum: int) -> list:
     """This step's micro-batches; a corpus breaking on any rank: every rank saves first."""
-    before = t.mixture.state_dict()
+    before = training.mixture.state_dict()
     try:
-        batches, error = [t.mixture.next_batch() for _ in range(accum)], None
+        batches, error = [training.mixture.next_batch() for _ in range(accum)], None
     except CorpusError as e:
         batches, error = None, e
     if all_sum([float(error is not None)], run.env.device)[0] > 0:
-        save(run, t, before)
+        save(run, training, before)
         raise error or PeerStopped()
     return batches
 
 
-def train_step(run: Run, t: Training, batches: list):
+def train_step(run: Run, training: Training, batches: list):
     """Gradient accumulation, unscale, clip, step. Returns (loss, grad norm, skipped)."""
     env, accum = run.env, len(batches)
+    model, scaler, optimizer = training.model, training.scaler, training.optimizer
     loss_sum = torch.zeros((), device=env.device)
     for micro, (x, y) in enumerate(batches):
         x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
-        sync = t.model.no_sync() if env.world_size > 1 and micro < accum - 1 else nullcontext()
+        # DDP averages gradients across ranks once per step, on the last micro-batch only
+        sync = model.no_sync() if env.world_size > 1 and micro < accum - 1 else nullcontext()
         with sync:
             with run.ctx:
-                loss = t.model(x, y) / accum
-            t.scaler.scale(loss).backward()
+                loss = model(x, y) / accum  # the step's mean: each micro-batch is 1/accum of it
+            scaler.scale(loss).backward()
         loss_sum += loss.detach()
-    t.scaler.unscale_(t.optimizer)  # clip the true gradients, not the scaled ones
+    scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
     grad_norm = torch.nn.utils.clip_grad_norm_(
-        [p for p in t.raw_model.parameters() if p.requires_grad], run.cfg.grad_clip)
+        [p for p in training.raw_model.parameters() if p.requires_grad], run.cfg.grad_clip)
     finite = bool(torch.isfinite(grad_norm) & torch.isfinite(loss_sum))
-    scale_before = t.scaler.get_scale()
-    if finite or t.scaler.is_enabled():  # GradScaler skips a non-finite step by itself
-        t.scaler.step(t.optimizer)
-    t.scaler.update()
-    t.optimizer.zero_grad(set_to_none=True)
-    skipped = not finite or t.scaler.get_scale() < scale_before
+    scale_before = scaler.get_scale()
+    if finite or scaler.is_enabled():  # GradScaler skips a non-finite step by itself
+        scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    # fp16: GradScaler lowers its scale exactly when it skipped the step for an inf or a NaN
+    skipped = not finite or scaler.get_scale() < scale_before
     return loss_sum.item(), float(grad_norm), skipped
 
 
-def stop_requested(run: Run, t: Training, start_step: int, t_start: float) -> bool:
+def stop_requested(run: Run, training: Training, start_step: int, started: float) -> bool:
     """A signal, max_hours or stop_after_steps, on any rank: then every rank stops."""
     cfg = run.cfg
-    local = (run.stop.is_set() or (cfg.max_hours and time.time() - t_start > cfg.max_hours * 3600)
-             or (cfg.stop_after_steps and t.step - start_step >= cfg.stop_after_steps))
+    local = (run.stop.is_set() or (cfg.max_hours and time.time() - started > cfg.max_hours * 3600)
+             or (cfg.stop_after_steps and training.step - start_step >= cfg.stop_after_steps))
     return all_sum([float(bool(local))], run.env.device)[0] > 0
 
 
-def train(run: Run, phase: Phase, t: Training, tok) -> dict:
+def train(run: Run, phase: Phase, training: Training, tok) -> dict:
     """The loop: evaluate, save or stop, step, log; returns the last held-out scores."""
-    cfg, env = run.cfg, run.env
-    accum = cfg.batch_tokens // (cfg.micro_batch * cfg.seq_len * env.world_size)
-    n_params = sum(p.numel() for p in t.raw_model.parameters())
-    flops = flops_per_token(t.raw_model.cfg, n_params, cfg.seq_len)
-    start_step, t_start = t.step, time.time()
-    phases = recipe(cfg)
-    later = sum(p.steps for p in phases[phases.index(phase) + 1:])  # for the whole run's ETA
-    with Progress(run.metrics, phase.name, phase.steps, t.step, cfg.log_every, env.is_master,
-                  bytes_per_token(run.out, data.parse_weights(phase.mix)), later) as progress:
+    cfg, env, state = run.cfg, run.env, training
+    accum = grad_accum(cfg, env.world_size)
+    n_params = sum(p.numel() for p in state.raw_model.parameters())
+    flops = flops_per_token(state.raw_model.cfg, n_params, cfg.seq_len)
+    start_step, started = state.step, time.time()
+    later = sum(p.steps for p in run.phases[run.phases.index(phase) + 1:])  # the run's ETA
+    with Progress(run.metrics, phase=phase.name, steps=phase.steps, step=state.step,
+                  log_every=cfg.log_every, show=env.is_master, later_steps=later,
+                  bytes_per_token=bytes_per_token(run.out, data.parse_weights(phase.mix))
+                  ) as progress:
         while True:
             # evaluate: held-out bits per byte every eval_every steps and after the last one
-            if t.step % cfg.eval_every == 0 or t.step == phase.steps:
+            if state.step % cfg.eval_every == 0 or state.step == phase.steps:
                 headroom = []  # each layer's fp16 activation peak / fp16's maximum
-                scores = evaluate(t.raw_model, tok, run.evals, cfg.seq_len, env.device,
-                                  run.ctx, env.rank, env.world_size, headroom)
-                progress.eval(t.step, scores, mix=t.mixture.realised(), fp16_peak=headroom)
-            if t.step == phase.steps:
+                scores = evaluate(state.raw_model, tok, run.evals, seq_len=cfg.seq_len,
+                                  device=env.device, ctx=run.ctx, rank=env.rank,
+                                  world_size=env.world_size, headroom=headroom)
+                progress.eval(state.step, scores, mix=state.mixture.realised(),
+                              fp16_peak=headroom)
+            if state.step == phase.steps:
                 return scores
             # save or stop; never save inside a streak of non-finite steps (keep a good one)
-            stop = stop_requested(run, t, start_step, t_start)
-            if t.step > start_step and (stop or t.bad_steps == 0
-                                        and t.step % cfg.ckpt_every == 0):
-                save(run, t)
+            stop = stop_requested(run, state, start_step, started)
+            if state.step > start_step and (stop or state.bad_steps == 0
+                                            and state.step % cfg.ckpt_every == 0):
+                save(run, state)
             if stop:
-                raise TrainingStopped(f"stopped at phase {phase.name} step {t.step}; the "
-                                      f"checkpoint is in {t.phase_dir}: run the same command "
-                                      "to resume")
+                raise TrainingStopped(f"stopped at phase {phase.name} step {state.step}; the "
+                                      f"checkpoint is in {state.phase_dir}: run the same "
+                                      "command to resume")
             # step: the scheduled learning rate, accumulation, clipping, AdamW
-            lr = lr_at(t.step, phase.lr, phase.steps, phase.warmup, phase.decay,
-                       cfg.min_lr_ratio, cfg.decay_shape)
-            for group in t.optimizer.param_groups:
+            lr = lr_at(state.step, peak_lr=phase.lr, total_steps=phase.steps,
+                       warmup_steps=phase.warmup, decay_steps=phase.decay,
+                       min_lr_ratio=cfg.min_lr_ratio, shape=cfg.decay_shape)
+            for group in state.optimizer.param_groups:
                 group["lr"] = lr
-            t_step = time.time()  # tokens/s of the step alone, not of evals and checkpoints
-            loss, grad_norm, skipped = train_step(run, t, next_batches(run, t, accum))
-            t.bad_steps, t.applied = t.bad_steps + 1 if skipped else 0, t.applied + (not skipped)
-            if t.bad_steps >= cfg.max_bad_steps:
+            step_started = time.time()  # tokens/s of the step alone, not evals and checkpoints
+            loss, grad_norm, skipped = train_step(run, state, next_batches(run, state, accum))
+            state.bad_steps = state.bad_steps + 1 if skipped else 0
+            state.applied += not skipped
+            if state.bad_steps >= cfg.max_bad_steps:
                 raise TrainingDiverged(
-                    f"phase {phase.name}: loss or gradients were non-finite for {t.bad_steps} "
-                    f"steps in a row, up to step {t.step}; the last good checkpoint is "
-                    f"{latest_checkpoint(t.phase_dir) or 'none'}; lower lr_{phase.name} (now "
-                    f"{phase.lr}) or check the data, then run the same command")
-            t.step += 1
+                    f"phase {phase.name}: loss or gradients were non-finite for "
+                    f"{state.bad_steps} steps in a row, up to step {state.step}; the last good "
+                    f"checkpoint is {latest_checkpoint(state.phase_dir) or 'none'}; lower "
+                    f"lr_{phase.name} (now {phase.lr}) or check the data, then run the same "
+                    "command")
+            state.step += 1
             # log: the loss averaged over ranks, tokens/s and MFU of this step
-            tok_s = cfg.batch_tokens / max(time.time() - t_step, 1e-9)
+            tok_s = cfg.batch_tokens / max(time.time() - step_started, 1e-9)
             mfu = tok_s * flops / (cfg.peak_tflops * 1e12 * env.world_size)  # of a T4: GPUs only
-            progress.train(t.step, loss=all_sum([loss], env.device)[0] / env.world_size, lr=lr,
-                           grad_norm=grad_norm, skipped=skipped, scale=t.scaler.get_scale(),
-                           tokens=t.step * cfg.batch_tokens, tok_per_s=tok_s,
-                           **({"mfu": mfu} if env.device.type == "cuda" else {}))
+            progress.train(state.step, loss=all_sum([loss], env.device)[0] / env.world_size,
+                           lr=lr, grad_norm=grad_norm, skipped=skipped,
+                           scale=state.scaler.get_scale(), tokens=state.step * cfg.batch_tokens,
+                           tok_per_s=tok_s, **({"mfu": mfu} if env.device.type == "cuda" else {}))
 
 
-def finish_phase(run: Run, phase: Phase, t: Training, tok, scores: dict) -> Path:
+def finish_phase(run: Run, phase: Phase, training: Training, tok, scores: dict) -> Path:
     """Hand-over, samples, export, DONE.json; not for non-finite weights or no step applied."""
-    cfg, env = run.cfg, run.env
-    finite = all(bool(torch.isfinite(p).all()) for p in t.raw_model.parameters())
-    problem = ("non-finite weights" if not finite else "no step applied" if not t.applied
+    cfg, env, state = run.cfg, run.env, training
+    finite = all(bool(torch.isfinite(p).all()) for p in state.raw_model.parameters())
+    problem = ("non-finite weights" if not finite else "no step applied" if not state.applied
                else "a non-finite held-out score" if not all(map(math.isfinite, scores.values()))
                else "")
     if problem:
         raise TrainingDiverged(
             f"phase {phase.name} ended with {problem}, so it is not marked done; lower "
             f"lr_{phase.name} (now {phase.lr}) or check the data, then run again: it resumes "
-            f"from {latest_checkpoint(t.phase_dir) or 'its start'} (delete {t.phase_dir} to "
-            "start the phase over)")
-    torch.save(t.mixture.state_dict(), t.phase_dir / f"data-rank{env.rank}.pt")
+            f"from {latest_checkpoint(state.phase_dir) or 'its start'} (delete "
+            f"{state.phase_dir} to start the phase over)")
+    # where each rank's streams stopped: the next phase reads on from there (no text twice)
+    torch.save(state.mixture.state_dict(), state.phase_dir / f"data-rank{env.rank}.pt")
     barrier()
     if env.is_master:
         prompts = [p for p in cfg.sample_prompts.split("|") if p]
-        texts = samples(t.raw_model, tok, prompts, cfg.sample_tokens, cfg.seed, env.device,
-                        run.ctx)
+        texts = samples(state.raw_model, tok, prompts, max_tokens=cfg.sample_tokens,
+                        seed=cfg.seed, device=env.device, ctx=run.ctx)
         run.metrics.log(kind="samples", phase=phase.name, step=phase.steps, text=texts)
         print(f"phase {phase.name} samples:\n" + "\n".join(f"  {s!r}" for s in texts), flush=True)
-        export_folder(t.raw_model, run.out / "tokenizer", t.phase_dir / "model")
-        streams = t.mixture.streams
-        write_done(t.phase_dir, {
+        export_folder(state.raw_model, run.out / "tokenizer", state.phase_dir / "model")
+        streams = state.mixture.streams
+        write_done(state.phase_dir, {
             "steps": phase.steps, "tokens": phase.steps * cfg.batch_tokens, **scores,
-            "mix": t.mixture.realised(), "epochs": {n: s.epoch for n, s in streams.items()},
+            "mix": state.mixture.realised(), "epochs": {n: s.epoch for n, s in streams.items()},
             "bad_bytes": {n: s.bad_bytes for n, s in streams.items()},
-            "bad_steps": t.bad_steps})
-        for old in t.phase_dir.glob("ckpt-??????"):  # the export holds all (.corrupt ones stay)
+            "bad_steps": state.bad_steps})
+        for old in state.phase_dir.glob("ckpt-??????"):  # the export holds all (.corrupt stay)
             shutil.rmtree(old)
     barrier()
-    return t.phase_dir / "model"
+    return state.phase_dir / "model"
 
 
 def run_phase(run: Run, phase: Phase, start_dir: Path, tok, n_old_rows: int) -> Path:
     """Train one phase from start_dir (or its newest checkpoint); return its exported folder."""
-    export = run.out / f"phase{phase.name}" / "model"
+    export = run.out / phase.folder / "model"
     if (export.parent / "DONE.json").is_file():
         on_master(run.env, read_done, export.parent)  # its files are still what it wrote
         print0(run.env, f"phase {phase.name}: done already ({export})")
         return export
     run.check_stop(f"phase {phase.name}")
-    t = setup_phase(run, phase, start_dir, tok, n_old_rows)
-    scores = train(run, phase, t, tok)
-    return finish_phase(run, phase, t, tok, scores)
+    training = setup_phase(run, phase, start_dir=start_dir, tok=tok, n_old_rows=n_old_rows)
+    scores = train(run, phase, training, tok)
+    return finish_phase(run, phase, training, tok=tok, scores=scores)
 
 # ----------------------------------------------------------------------------------------------
 # The whole run
@@ -391,22 +430,28 @@ def run_phase(run: Run, phase: Phase, start_dir: Path, tok, n_old_rows: int) -> 
 
 def run_all(cfg: Config, env: DistEnv, stop: threading.Event) -> int:
     """config check -> tokenizer -> init -> the phases -> final; a finished stage is skipped."""
-    out = Path(cfg.out_dir)
+    out, phases, corpora = Path(cfg.out_dir), recipe(cfg), sources(cfg)
     with ExitStack() as held:  # rank 0 holds out_dir's lock until the run ends
-        on_master(env, record_run, cfg, env, held)
+        on_master(env, functools.partial(record_run, cfg, phases, env=env, held=held))
         if (out / "final.gguf").is_file():  # finished already, with these settings
             return on_master(env, summary, out) or 0
-        sink = open_sink(cfg.report_to, out, cfg, {"1b": cfg.steps_1a}, held, env.is_master)
-        run = Run(cfg, env, Metrics(out / "metrics.jsonl", env.is_master, sink), eval_sets(cfg),
-                  stop)
+        # TensorBoard/W&B's x axis runs on across phases: each starts after the steps before
+        offsets = {p.name: sum(q.steps for q in phases[:i]) for i, p in enumerate(phases)}
+        sink = open_sink(cfg.report_to, out, cfg, phase_offsets=offsets, held=held,
+                         is_master=env.is_master)
+        evals = eval_sets(corpora, cfg.eval_bytes, cfg.text_field, env.is_master)
+        run = Run(cfg, env, metrics=Metrics(out / "metrics.jsonl", env.is_master, sink),
+                  evals=evals, stop=stop, phases=phases, corpora=corpora)
         on_master(env, prepare_model, run)  # base model, tokenizer, expanded model
         n_old_rows = read_json(out / "init" / "DONE.json", f"delete {out / 'init'}")["n_old_rows"]
-        cfg = run.cfg = dataclasses.replace(
-            cfg, micro_batch=plan_for_run(cfg, env, out / "init", run.amp_dtype))
+        micro_batch = plan_for_run(cfg, env, out / "init", run.amp_dtype)
+        cfg = run.cfg = dataclasses.replace(cfg, micro_batch=micro_batch)
+        on_master(env, add_to_record, out, {"micro_batch_resolved": micro_batch,
+                                            "grad_accum": grad_accum(cfg, env.world_size)})
         tok = Tokenizer.from_file(str(out / "tokenizer" / "tokenizer.json"))
         model_dir = out / "init"
-        for phase in recipe(cfg):
-            model_dir = run_phase(run, phase, model_dir, tok, n_old_rows)
+        for phase in phases:
+            model_dir = run_phase(run, phase, start_dir=model_dir, tok=tok, n_old_rows=n_old_rows)
         run.check_stop("the final export")
         on_master(env, export_run, model_dir, out)  # final/, final.gguf, card, plots, summary
     return 0
@@ -417,14 +462,14 @@ def main(argv=None) -> int:
     if {"-h", "--help"} & set(argv):
         print(help_text(Config, PRESETS, __doc__))
         return 0
-    debug, env = False, DistEnv()
+    debug, launch = False, launched()  # torchrun's rank and process count, before any group
     try:
         debug = parse_flags(Config, argv, RENAMED).get("debug", "").lower() == "true"
         cfg = load_config(Config, PRESETS, argv, RENAMED)
         debug = cfg.debug
-        cfg = fit_micro_batch(cfg, int(os.environ.get("WORLD_SIZE", 1)))
-        validate(cfg, recipe(cfg), int(os.environ.get("WORLD_SIZE", 1)))
-        check_sources(cfg)  # local files readable, hub sources reachable: in seconds
+        cfg = fit_micro_batch(cfg, launch.world_size, launch.is_master)
+        validate(cfg, recipe(cfg), sources(cfg), launch.world_size)
+        check_sources(cfg, sources(cfg))  # local files readable, hub sources reachable: seconds
         stop = stop_on_signals()
         # before CUDA starts: the allocator grows segments instead of reserving new ones
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
@@ -434,7 +479,7 @@ def main(argv=None) -> int:
     except (Exception, KeyboardInterrupt) as e:
         if debug and not isinstance(e, (TrainingStopped, PeerStopped)):
             raise
-        return exit_code(e, int(os.environ.get("RANK", 0)))
+        return exit_code(e, launch.rank)
     finally:
         shutdown()
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from atomic import (MANIFEST, atomic_dir, commit_dir, damage, disk_errors, folder_digest,
-                    fresh_dir, tmp_path, write_json)
+                    fresh_dir, read_json, tmp_path, write_json)
 from distributed import barrier
 from hf_io import save_pretrained
 
@@ -173,20 +173,11 @@ def prune_stage(folder: Path, names: list):
                                           "pruned": sorted({*done.get("pruned", []), *names})})
 
 
-def read_json(path: Path, fix: str):
-    """A JSON state file, or one sentence naming it and the fix."""
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:  # ValueError: cut short, edited, or not UTF-8
-        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
-        raise ValueError(f"{path} is unreadable ({reason}); {fix}") from None
-
-
 def read_done(folder: Path) -> dict:
     """A finished stage's DONE.json, after checking that its files are still what it wrote."""
-    fix = f"delete {folder} to redo that stage (the same settings rebuild it the same)"
-    done = read_json(folder / "DONE.json", fix)
+    hint = f"delete {folder} to redo that stage (the same settings rebuild it the same)"
+    done = read_json(folder / "DONE.json", hint)
     problem = damage(folder, done.get("files", {}))
     if problem:
-        raise ValueError(f"{folder}: {problem} since the stage finished; restore it or {fix}")
+        raise ValueError(f"{folder}: {problem} since the stage finished; restore it or {hint}")
     return done

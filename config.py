@@ -10,19 +10,12 @@ import dataclasses
 import difflib
 import inspect
 import math
-import os
 import tomllib
-from contextlib import ExitStack
-from dataclasses import asdict, fields
+from dataclasses import fields
 from pathlib import Path
 
 import data
-from atomic import disk_errors, lock_dir, write_json
-from base_model import check_hub
-from checkpoint import read_json
-from convert_gguf import OFFLINE_BASE
-from distributed import autocast
-from readers import check_readable
+from gguf_io import OFFLINE_BASE
 from schedule import DECAY_SHAPES
 from tokenizer import SCRIPTS
 
@@ -53,15 +46,7 @@ PRESETS = {  # the first is the default
     "bori": {}, "demo": {**language("ko", True), "out_dir": "runs/demo"},
     **{f"{kind}-{code}": language(code, kind == "demo") for code in data.LANGUAGES
        for kind in ("bori", "demo")}}
-# old flag -> its field: old commands and old runs' config.json keep working
-RENAMED = {"script": "unicode_script", "data_ko": "data_new", "eval_ko": "eval_new"}
 
-
-def saved_config(path: Path, fix: str) -> dict:
-    """A run's config.json in today's names: old names mapped (RENAMED), and a run from before
-    --lang existed is Korean."""
-    saved = read_json(path, fix)
-    return {"lang": "ko", **{RENAMED.get(k, k): v for k, v in saved.items()}}
 
 META_FLAGS = ("preset", "config")  # flags that choose other values rather than set a field
 
@@ -154,23 +139,35 @@ def load_config(cls, presets: dict, argv: list, renamed: dict = None):
     return cls(**values)
 
 
-def fit_micro_batch(cfg, world_size: int):
+def sequences_per_rank(cfg, world_size: int) -> int:
+    """Sequences each process contributes to one optimizer step (micro-batches x accumulation)."""
+    return cfg.batch_tokens // (cfg.seq_len * world_size)
+
+
+def grad_accum(cfg, world_size: int) -> int:
+    """Micro-batches per optimizer step on each process: batch_tokens = micro_batch * seq_len *
+    world_size * grad_accum, which validate() has checked divides exactly."""
+    return sequences_per_rank(cfg, world_size) // cfg.micro_batch
+
+
+def fit_micro_batch(cfg, world_size: int, is_master: bool = True):
     """cfg with a smaller micro_batch when its own does not divide batch_tokens for this many
     processes (a preset made for one process then runs on two); the batch stays the same."""
     if cfg.micro_batch < 1 or cfg.seq_len < 1 or cfg.batch_tokens % (cfg.seq_len * world_size):
         return cfg  # validate says what is wrong
-    per_rank = cfg.batch_tokens // cfg.seq_len // world_size
+    per_rank = sequences_per_rank(cfg, world_size)
     if per_rank < 1 or per_rank % cfg.micro_batch == 0:
         return cfg
     fitted = max(m for m in range(1, cfg.micro_batch + 1) if per_rank % m == 0)
-    if int(os.environ.get("RANK", 0)) == 0:
+    if is_master:
         print(f"micro_batch={cfg.micro_batch} does not divide batch_tokens={cfg.batch_tokens} "
               f"over {world_size} processes; using micro_batch={fitted}", flush=True)
     return dataclasses.replace(cfg, micro_batch=fitted)
 
 
-def validate(cfg, phases: list, world_size: int):
-    """Every check of the values that needs no model, no data and no process group."""
+def validate(cfg, phases: list, corpora: list, world_size: int):
+    """Every check of the values that needs no model, no data and no process group; phases
+    and corpora are bori.recipe(cfg) and bori.sources(cfg)."""
     if cfg.seq_len < 1 or cfg.micro_batch < 0:
         raise ValueError(f"seq_len must be >= 1 and micro_batch >= 0 (0: the largest that "
                          f"fits); got seq_len={cfg.seq_len}, micro_batch={cfg.micro_batch}")
@@ -219,87 +216,12 @@ def validate(cfg, phases: list, world_size: int):
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
-    names = {cfg.lang, "en"}
-    fix = (f"--preset=demo-{cfg.lang} or bori-{cfg.lang} sets them" if cfg.lang in data.LANGUAGES
-           else "name it in --mix_1a and --mix_1b")
+    names = {corpus.name for corpus in corpora}
+    hint = (f"--preset=demo-{cfg.lang} or bori-{cfg.lang} sets them" if cfg.lang in data.LANGUAGES
+            else "name it in " + " and ".join(f"--mix_{p.name}" for p in phases))
     for phase in phases:
         unknown = set(data.parse_weights(phase.mix)) - names
         if unknown:
             raise ValueError(f"mix_{phase.name}={phase.mix!r} names {sorted(unknown)}; the "
                              f"sources are {sorted(names)} (--lang={cfg.lang} names the new "
-                             f"language's; {fix})")
-
-
-def check_sources(cfg):
-    """Every local data path exists and starts as readable UTF-8 text, and every hub source
-    (and a hub base model) answers, within seconds."""
-    check_hub({k: getattr(cfg, k) for k in ("base", "data_new", "data_en", "eval_new",
-                                            "eval_en", "tokenizer_data")})
-    for name in ("data_new", "data_en", "eval_new", "eval_en", "tokenizer_data"):
-        spec = getattr(cfg, name)
-        if spec and not spec.startswith("hf:"):
-            src = data.Source(name, spec, cfg.text_field)
-            try:
-                check_readable(src.path, src.text_field)
-            except (OSError, ValueError) as e:
-                raise type(e)(f"--{name}: {e}") from None
-
-
-# Once a stage has written state, changing what it was made from would make that state
-# meaningless (or, for the held-out texts, make the base-vs-final table compare other texts).
-FIXED_BY_STAGE = {
-    "tokenizer": ("base", "lang", "data_new", "text_field", "new_tokens", "unicode_script",
-                  "tokenizer_data", "tokenizer_bytes"),
-    "init": ("init", "eval_new", "eval_en", "eval_bytes"),
-    "phase1a": ("data_en", "pad_vocab_to", "seq_len", "micro_batch", "batch_tokens", "mix_1a",
-                "mix_1b", "new_rows_only", "seed"),
-}
-# What a finished run may be run again with: settings that change no result
-NO_RESULT = ("out_dir", "debug", "log_every", "max_hours", "stop_after_steps", "keep_ckpts",
-             "ckpt_every", "device", "gpu_gib")
-
-
-def has_state(stage: Path) -> bool:
-    return (stage / "DONE.json").is_file() or any(stage.glob("ckpt-*"))
-
-
-def check_resume(cfg, out: Path, world_size: int) -> bool:
-    """Refuse settings that contradict what out_dir already holds. True when out_dir holds a
-    finished run made with these settings (there is nothing to do)."""
-    if not (out / "config.json").is_file():
-        return False
-    saved = saved_config(out / "config.json",
-                         "delete it (it is written again) or use a new out_dir")
-    now = asdict(cfg)
-    if (out / "final.gguf").is_file():
-        changed = [k for k in now if k not in NO_RESULT and k in saved and saved[k] != now[k]]
-        what = "a finished run made"
-    else:
-        changed = [k for stage, keys in FIXED_BY_STAGE.items() if has_state(out / stage)
-                   for k in keys if k in saved and saved[k] != now[k]]
-        what = "a run started"
-    if changed:
-        diff = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed)
-        raise ValueError(f"{out} holds {what} with other settings ({diff}); use a new out_dir "
-                         "or the original values")
-    if has_state(out / "phase1a") and saved.get("world_size", world_size) != world_size:
-        raise ValueError(f"{out} was started with {saved['world_size']} processes; resume it "
-                         "with as many (data streams and checkpoints are per rank)")
-    return (out / "final.gguf").is_file()
-
-
-def record_run(cfg, env, held: ExitStack):
-    """Rank 0: lock out_dir for this run (held until it ends), check the settings against
-    what it holds, and write them to config.json unless the run is finished already."""
-    out = Path(cfg.out_dir)
-    with disk_errors(out):
-        out.mkdir(parents=True, exist_ok=True)
-    held.enter_context(lock_dir(out))
-    if check_resume(cfg, out, env.world_size):
-        print(f"{out} holds a finished run with these settings:", flush=True)
-        return
-    record = {**asdict(cfg), "world_size": env.world_size, "device_name": str(env.device),
-              "amp_dtype": str(autocast(cfg.dtype, env.device)[1])}
-    with disk_errors(out / "config.json"):
-        write_json(out / "config.json", record)
-    print("config:\n" + "\n".join(f"  {k} = {v}" for k, v in record.items()), flush=True)
+                             f"language's; {hint})")

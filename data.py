@@ -16,8 +16,8 @@ from datasets import IterableDataset, load_dataset
 from datasets.distributed import split_dataset_by_node
 from tqdm import tqdm
 
-from errors import CorpusError, warn
-from readers import file_kind, local_files, read_local
+from errors import about, warn
+from readers import field_text, file_kind, local_files, read_local
 
 ROOT = Path(__file__).resolve().parent
 
@@ -35,11 +35,13 @@ class Language:
 
 
 LANGUAGES = {  # another language: one line here (and its script in tokenizer.SCRIPTS)
-    "ko": Language("Korean", "kor_Hang", "hangul", 8981, "대한민국의 수도는|옛날 옛적에 한 마을에"),
-    "ja": Language("Japanese", "jpn_Jpan", "japanese", 8981, "日本の首都は|昔々、ある村に"),
+    "ko": Language(name="Korean", fineweb2="kor_Hang", script="hangul", new_tokens=8981,
+                   prompts="대한민국의 수도는|옛날 옛적에 한 마을에"),
+    "ja": Language(name="Japanese", fineweb2="jpn_Jpan", script="japanese", new_tokens=8981,
+                   prompts="日本の首都は|昔々、ある村に"),
     # Vietnamese writes one syllable per word: a few thousand syllables cover the language
-    "vi": Language("Vietnamese", "vie_Latn", "vietnamese", 3000,
-                   "Thủ đô của Việt Nam là|Ngày xửa ngày xưa, ở một ngôi làng"),
+    "vi": Language(name="Vietnamese", fineweb2="vie_Latn", script="vietnamese", new_tokens=3000,
+                   prompts="Thủ đô của Việt Nam là|Ngày xửa ngày xưa, ở một ngôi làng"),
 }
 # the offline corpora in data/ (demo presets, tests): LANG_train.jsonl, LANG_eval.jsonl
 BUNDLED = {f"{lang}_{part}": str(ROOT / "data" / f"{lang}_{part}.jsonl")
@@ -51,6 +53,17 @@ def language_name(code: str) -> str:
 
 
 EOS_TOKEN = "<|endoftext|>"  # SmolLM2's document separator in pre-training; it adds no BOS
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """One language's text in a run: the source it trains on and the one its held-out score
+    reads, with the options that name them (for messages). bori.sources(cfg) lists them."""
+    name: str  # what a mix names: the language's code, "ko" or "en"
+    train: str  # a data spec: "hf:NAME[:CONFIG[:SPLIT]]" or local files, "#KEY" allowed
+    held_out: str
+    train_flag: str  # "data_new"
+    held_out_flag: str  # "eval_new"
 
 
 @dataclass
@@ -106,15 +119,8 @@ def open_source(src: Source, rank: int = 0, world_size: int = 1):
 
 
 def text_of(example: dict, src: Source) -> str:
-    """The document text of one example, checked."""
-    key = src.text_field
-    if key not in example:
-        raise CorpusError(f"{src.path} has no text field {key!r} (it has {sorted(example)}); "
-                          f"name the key after the path, e.g. {src.path}#{sorted(example)[0]}")
-    if not isinstance(example[key], str):
-        raise CorpusError(f"{src.path}: field {key!r} holds "
-                          f"{type(example[key]).__name__} {str(example[key])[:40]!r}, not text")
-    return example[key]
+    """The document text of one example, checked (readers.field_text says what is wrong)."""
+    return field_text(example, src.text_field, src.path, src.path)
 
 
 def iter_pieces(path: str, text_field: str = "text", progress: bool = False):
@@ -153,12 +159,13 @@ def eval_docs(path: str, max_bytes: int, text_field: str = "text", count: bool =
     return (docs, examples) if count else docs
 
 
-def training_source(name: str, path: str, eval_path: str, eval_bytes: int, text_field: str,
-                    flag: str = ""):
-    """A source to train on. When its eval set reads the same source, the examples that set
-    took are skipped: held out by construction, not by hope."""
-    skip = eval_docs(path, eval_bytes, text_field, count=True)[1] if path == eval_path else 0
-    return Source(name, path, text_field, skip, flag)
+def training_source(corpus: Corpus, eval_bytes: int, text_field: str) -> Source:
+    """The source a corpus trains on. When its held-out set reads the same source, the examples
+    that set took are skipped: held out by construction, not by hope."""
+    skip = 0
+    if corpus.train == corpus.held_out:
+        skip = eval_docs(corpus.train, eval_bytes, text_field, count=True)[1]
+    return Source(corpus.name, corpus.train, text_field, skip=skip, flag=corpus.train_flag)
 
 # ----------------------------------------------------------------------------------------------
 # Packing and the mixture
@@ -179,10 +186,8 @@ class PackedStream:
     def take(self, n: int) -> list:
         """The next n tokens of the stream."""
         while len(self.buffer) < n:
-            try:
+            with about(self.src.flag or self.src.name):  # say which option names the source
                 self._refill()
-            except CorpusError as e:  # say which flag names the broken source
-                raise CorpusError(f"--{self.src.flag or self.src.name}: {e}") from None
         out, self.buffer = self.buffer[:n], self.buffer[n:]
         return out
 
@@ -250,8 +255,8 @@ class Mixture:
                              f"known: {sorted(sources)}")
         self.weights, self.seq_len, self.batch_size = weights, seq_len, batch_size
         self.seed, self.rank, self.blocks = seed, rank, 0
-        self.streams = {n: PackedStream(sources[n], tokenizer, eos_id, rank, world_size)
-                        for n in weights}
+        self.streams = {n: PackedStream(sources[n], tokenizer, eos_id, rank=rank,
+                                        world_size=world_size) for n in weights}
         self.counts = dict.fromkeys(weights, 0)
 
     def pick(self) -> str:

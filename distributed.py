@@ -30,13 +30,19 @@ class DistEnv:
         return self.rank == 0
 
 
+def launched() -> DistEnv:
+    """This process's rank and the process count as torchrun set them (one process without
+    torchrun), before any process group or device exists: the one reader of its variables."""
+    return DistEnv(int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
+                   int(os.environ.get("WORLD_SIZE", 1)))
+
+
 def setup_distributed(device: str = "auto") -> DistEnv:
     """Rank and device from torchrun's variables; device is auto, cuda or cpu."""
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
         raise ValueError("device=cuda but no CUDA GPU is visible; use device=cpu")
-    env = DistEnv(int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
-                  int(os.environ.get("WORLD_SIZE", 1)))
+    env = launched()
     env.device = torch.device(f"cuda:{env.local_rank}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(env.device)
@@ -72,7 +78,7 @@ def stop_on_signals() -> threading.Event:
     def handler(signum, frame):
         if signum == signal.SIGINT and stop.is_set():
             raise KeyboardInterrupt
-        if not stop.is_set() and int(os.environ.get("RANK", 0)) == 0:
+        if not stop.is_set() and launched().is_master:
             print(f"\n{signal.Signals(signum).name}: stopping at the next step boundary, with a "
                   "checkpoint (Ctrl-C again stops at once)", file=sys.stderr, flush=True)
         stop.set()

@@ -4,6 +4,7 @@ Every failure a user can cause is a ValueError, OSError (FileNotFoundError) or C
 whose message names the problem and the fix; main() prints it as `error: ...` with exit code 2.
 """
 import sys
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -31,6 +32,16 @@ class PeerStopped(Exception):
 def warn(message: str):
     """A line a user should read, that does not stop the run."""
     print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def about(flag: str):
+    """Within the block, a ValueError or OSError (FileNotFoundError, CorpusError...) keeps its
+    type and sentence and gains the option it is about: `--data_new: ...`."""
+    try:
+        yield
+    except (ValueError, OSError) as e:
+        raise type(e)(f"--{flag}: {e}") from None
 
 
 OOM_FIX = ("out of GPU memory; lower micro_batch (batch_tokens stays, gradient accumulation "

@@ -4,6 +4,7 @@ bits/byte = summed next-token cross-entropy (nats) / ln 2 / UTF-8 bytes of the s
 a tokenizer that needs fewer tokens gains nothing by it (Gao et al. 2020, The Pile, sec. 4.1).
 """
 import math
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -12,7 +13,6 @@ from tokenizers import Tokenizer
 from data import EOS_TOKEN, language_name
 from distributed import all_max, all_sum
 from loss import IGNORE_INDEX
-from model import watch_fp16_headroom
 from tokenizer import token_bytes
 
 
@@ -56,14 +56,44 @@ def bits_per_byte(model, tok, texts: list, seq_len: int, device, ctx, rank=0, wo
     return total / (math.log(2) * sum(len(t.encode("utf-8")) for t in texts))
 
 
+FP16_MAX = 65504.0  # the largest finite float16
+
+
+@contextmanager
+def watch_fp16_headroom(model):
+    """Within the block, note per layer the largest |activation| that stays fp16 under autocast:
+    the outputs of q, k, v and the MLP's gate and up projections (what is added to the residual
+    stream is kept in range by model.residual_linear). Forward hooks, so the model stays only a
+    model; yields a list filled on leaving with each layer's peak / fp16's max."""
+    peaks = [[] for _ in model.layers]
+
+    def note(layer: int):
+        def hook(module, inputs, output):
+            peaks[layer].append(output.detach().abs().amax().float())
+        return hook
+    handles = [getattr(part, name).register_forward_hook(note(i))
+               for i, block in enumerate(model.layers)
+               for part, names in ((block.self_attn, ("q_proj", "k_proj", "v_proj")),
+                                   (block.mlp, ("gate_proj", "up_proj")))
+               for name in names]
+    fractions = []
+    try:
+        yield fractions
+    finally:
+        for handle in handles:
+            handle.remove()
+        fractions += [float(torch.stack(p).max()) / FP16_MAX if p else 0.0 for p in peaks]
+
+
 def evaluate(model, tok, evals: dict, seq_len: int, device, ctx, rank=0, world_size=1,
              headroom: list = None) -> dict:
     """{'ko_bpb': ..., 'en_bpb': ...} for evals = {'ko': texts, 'en': texts} (keyed by language
     code). A list passed as headroom is filled with each layer's peak fp16 activation as a
     fraction of fp16's maximum."""
     with watch_fp16_headroom(model) as fractions:
-        scores = {f"{lang}_bpb": bits_per_byte(model, tok, texts, seq_len, device, ctx, rank,
-                                               world_size) for lang, texts in evals.items()}
+        scores = {f"{lang}_bpb": bits_per_byte(model, tok, texts, seq_len=seq_len, device=device,
+                                               ctx=ctx, rank=rank, world_size=world_size)
+                  for lang, texts in evals.items()}
     if headroom is not None:
         headroom += all_max(fractions, device) if world_size > 1 else fractions
     return scores

@@ -24,12 +24,12 @@ import torch
 from tokenizers import Tokenizer
 
 import bori
-from base_model import resolve_base
+from inputs import resolve_base
 from data import LANGUAGES, language_name
 from distributed import DistEnv
 from hf_io import from_pretrained
 from prepare import eval_sets, stage_init, stage_tokenizer
-from report import Metrics
+from runlog import Metrics
 
 INITS = ("eeve", "mean", "random")
 
@@ -43,8 +43,9 @@ def make_run(cfg, out: Path) -> bori.Run:
     """A one-process bori.Run writing to out, with cfg's held-out texts."""
     cfg = dataclasses.replace(cfg, out_dir=str(out))
     out.mkdir(parents=True, exist_ok=True)
-    return bori.Run(cfg, DistEnv(), Metrics(out / "metrics.jsonl", True), eval_sets(cfg),
-                    threading.Event())
+    evals = eval_sets(bori.sources(cfg), cfg.eval_bytes, cfg.text_field)
+    return bori.Run(cfg, DistEnv(), metrics=Metrics(out / "metrics.jsonl", True), evals=evals,
+                    stop=threading.Event())
 
 
 def run_init(cfg, root: Path, init: str, base_dir: Path) -> Path:
@@ -55,21 +56,22 @@ def run_init(cfg, root: Path, init: str, base_dir: Path) -> Path:
     run = make_run(dataclasses.replace(cfg, init=init), out)
     stage_init(run, base_dir)
     n_old = json.loads((out / "init" / "DONE.json").read_text())["n_old_rows"]
-    bori.run_phase(run, bori.recipe(run.cfg)[0], out / "init", bori_tokenizer(out), n_old)
+    bori.run_phase(run, run.phases[0], start_dir=out / "init", tok=bori_tokenizer(out),
+                   n_old_rows=n_old)
     return out
 
 
 def run_1b(cfg, root: Path, name: str, mix: str) -> Path:
     """Phase 1B from EEVE's Phase 1A (model and data position), with the given mix."""
-    out = root / name
-    if not (out / "phase1a").is_dir():
+    out, first = root / name, bori.recipe(cfg)[0]
+    if not (out / first.folder).is_dir():
         shutil.copytree(root / "eeve" / "tokenizer", out / "tokenizer")
-        shutil.copytree(root / "eeve" / "phase1a", out / "phase1a")
+        shutil.copytree(root / "eeve" / first.folder, out / first.folder)
         shutil.copy(root / "eeve" / "metrics.jsonl", out / "metrics.jsonl")
     run = make_run(dataclasses.replace(cfg, mix_1b=mix), out)
     n_old = json.loads((root / "eeve" / "init" / "DONE.json").read_text())["n_old_rows"]
-    bori.run_phase(run, bori.recipe(run.cfg)[1], out / "phase1a" / "model", bori_tokenizer(out),
-                   n_old)
+    bori.run_phase(run, run.phases[1], start_dir=out / first.folder / "model",
+                   tok=bori_tokenizer(out), n_old_rows=n_old)
     return out
 
 
@@ -90,7 +92,7 @@ def generation_speed(folder: Path, tok, prompt: str, n: int = 48) -> dict:
     return {"tokens_per_s": (out.shape[1] - idx.shape[1]) / dt, "chars_per_s": len(text) / dt}
 
 
-def plot(results: dict, runs: dict, path: Path, lang: str):
+def plot(results: dict, runs: dict, path: Path, lang: str, phases: list):
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -99,13 +101,13 @@ def plot(results: dict, runs: dict, path: Path, lang: str):
         return
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
     for init in INITS:
-        pts = [(r["step"], r[f"{lang}_bpb"]) for r in evals_of(runs[init], "1a")]
+        pts = [(r["step"], r[f"{lang}_bpb"]) for r in evals_of(runs[init], phases[0].name)]
         a.plot(*zip(*pts), "o-", ms=3, label=f"{init} init")
     a.axhline(results[f"base_{lang}_bpb"], color="grey", ls="--", label="base model")
     a.set(title=f"{language_name(lang)} bits/byte during Phase 1A", xlabel="step",
           ylabel="bits per byte")
     for name, color in (("replay", "tab:green"), ("no_replay", "tab:red")):
-        pts = [(r["step"], r["en_bpb"]) for r in evals_of(runs[name], "1b")]
+        pts = [(r["step"], r["en_bpb"]) for r in evals_of(runs[name], phases[1].name)]
         b.plot(*zip(*pts), "o-", ms=3, color=color, label=f"Phase 1B, {name.replace('_', ' ')}")
     b.axhline(results["base_en_bpb"], color="grey", ls="--", label="base model")
     b.axhline(results["base_en_bpb"] * 1.05, color="grey", ls=":", label="base + 5%")
@@ -154,6 +156,7 @@ def main(argv=None):
         f"--decay_1a={args.steps_1a // 5}", f"--steps_1b={args.steps_1b}",
         f"--decay_1b={args.steps_1b // 5}", "--eval_every=10", "--ckpt_every=1000"])
     torch.manual_seed(cfg.seed)
+    first, second = phases = bori.recipe(cfg)
     base_dir = resolve_base(cfg.base)
     stage_tokenizer(make_run(cfg, root), base_dir)
     runs = {init: run_init(cfg, root, init, base_dir) for init in INITS}
@@ -167,10 +170,10 @@ def main(argv=None):
         "eval_bytes": cfg.eval_bytes}}
     for code in (lang, "en"):
         res[f"step0_{code}_bpb"] = {"base": base[f"{code}_bpb"], **{
-            i: evals_of(runs[i], "1a")[0][f"{code}_bpb"] for i in INITS}}
-        res[f"after_1a_{code}_bpb"] = {i: evals_of(runs[i], "1a")[-1][f"{code}_bpb"]
+            i: evals_of(runs[i], first.name)[0][f"{code}_bpb"] for i in INITS}}
+        res[f"after_1a_{code}_bpb"] = {i: evals_of(runs[i], first.name)[-1][f"{code}_bpb"]
                                        for i in INITS}
-        res[f"after_1b_{code}_bpb"] = {n: evals_of(runs[n], "1b")[-1][f"{code}_bpb"]
+        res[f"after_1b_{code}_bpb"] = {n: evals_of(runs[n], second.name)[-1][f"{code}_bpb"]
                                        for n in ("replay", "no_replay")}
     res["en_drift_after_1b"] = {n: v / res["base_en_bpb"] - 1
                                 for n, v in res["after_1b_en_bpb"].items()}
@@ -181,12 +184,12 @@ def main(argv=None):
     res["generation"] = {
         "base": generation_speed(base_dir, Tokenizer.from_file(str(base_dir / "tokenizer.json")),
                                  prompt),
-        "merged": generation_speed(runs["replay"] / "phase1b" / "model",
+        "merged": generation_speed(runs["replay"] / second.folder / "model",
                                    bori_tokenizer(runs["replay"]), prompt)}
     print_table(res, lang)
     json_path = Path(args.json or root / "results.json")
     json_path.write_text(json.dumps(res, indent=2))
-    plot(res, runs, json_path.with_suffix(".png"), lang)
+    plot(res, runs, path=json_path.with_suffix(".png"), lang=lang, phases=phases)
     print(f"wrote {json_path} and {json_path.with_suffix('.png')}")
     return res
 

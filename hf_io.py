@@ -111,8 +111,9 @@ def model_folder(path) -> Path:
     if (path / "config.json").is_file() and (path / "tokenizer.json").is_file() or (
             path / "model.safetensors").is_file():
         return path
-    for candidate in [path / "final", path / "phase1b" / "model", path / "phase1a" / "model",
-                      *sorted(path.glob("phase1?/ckpt-??????"), reverse=True)]:
+    # phase folders sort in the order they run, so the newest comes first reversed
+    for candidate in [path / "final", *sorted(path.glob("phase*/model"), reverse=True),
+                      *sorted(path.glob("phase*/ckpt-??????"), reverse=True)]:
         if (candidate / "model.safetensors").is_file():
             return candidate
     raise FileNotFoundError(f"{path} holds no model: pass a model folder (one with config.json "

@@ -10,7 +10,6 @@ arXiv:2302.13971.
 """
 import dataclasses
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -45,7 +44,7 @@ class ModelConfig:
 
 
 # Looked up by exact name. The SmolLM2 shapes are those of HuggingFaceTB's config.json files.
-PRESETS = {
+MODEL_PRESETS = {
     "smollm2-135m": ModelConfig(),
     "smollm2-360m": ModelConfig(dim=960, n_layers=32, n_heads=15, n_kv_heads=5, ffn_dim=2560),
     "tiny": ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128,
@@ -55,9 +54,9 @@ PRESETS = {
 
 def preset(name: str, **overrides) -> ModelConfig:
     """A copy of the preset `name` with fields overridden."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
-    return dataclasses.replace(PRESETS[name], **overrides)
+    if name not in MODEL_PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(MODEL_PRESETS)}")
+    return dataclasses.replace(MODEL_PRESETS[name], **overrides)
 
 # ----------------------------------------------------------------------------------------------
 # The blocks
@@ -121,7 +120,6 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=False)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * hd, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * hd, cfg.dim, bias=False)
-        self.peaks = None  # a list while watched (watch_fp16_headroom)
 
     def forward(self, x, cos, sin, cache=None, start=0):
         B, T, C = x.shape
@@ -129,7 +127,6 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, KV, hd).transpose(1, 2)  # (B, KV, T, hd)
         v = self.v_proj(x).view(B, T, KV, hd).transpose(1, 2)
-        note_peaks(self, q, k, v)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, start, k, v)  # (B, KV, start+T, hd)
@@ -141,15 +138,6 @@ class Attention(nn.Module):
             mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return residual_linear(self.o_proj, y.transpose(1, 2).reshape(B, T, C))
-
-
-FP16_MAX = 65504.0
-
-
-def note_peaks(module: nn.Module, *tensors):
-    """While watched, note the largest |value| of tensors that stay fp16 under autocast."""
-    if module.peaks is not None:
-        module.peaks.append(torch.stack([t.detach().abs().amax().float() for t in tensors]).max())
 
 
 def residual_linear(linear: nn.Linear, x):
@@ -175,11 +163,9 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
-        self.peaks = None  # a list while watched (watch_fp16_headroom)
 
     def forward(self, x):
         gate, up = self.gate_proj(x), self.up_proj(x)
-        note_peaks(self, gate, up)
         # the product in fp32: under fp16 it could overflow before down_proj scales it
         return residual_linear(self.down_proj, F.silu(gate.float()) * up.float())
 
@@ -193,26 +179,9 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, cos, sin, cache=None, start=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache=cache, start=start)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-
-@contextmanager
-def watch_fp16_headroom(model):
-    """Within the block, note per layer the largest |activation| that stays fp16 under autocast
-    (q, k, v and the MLP's gate and up: what writes to the residual stream is kept in range by
-    residual_linear); yields a list filled on leaving with each layer's peak / fp16's max."""
-    modules = [(b.self_attn, b.mlp) for b in model.layers]
-    for attn, mlp in modules:
-        attn.peaks, mlp.peaks = [], []
-    fractions = []
-    try:
-        yield fractions
-    finally:
-        for attn, mlp in modules:
-            peaks = attn.peaks + mlp.peaks
-            attn.peaks = mlp.peaks = None
-            fractions.append(float(torch.stack(peaks).max()) / FP16_MAX if peaks else 0.0)
 
 # ----------------------------------------------------------------------------------------------
 # The model
@@ -246,7 +215,7 @@ class Llama(nn.Module):
                 # Non-reentrant: the reentrant variant breaks under DDP ("marked ready twice").
                 x = checkpoint(block, x, cos, sin, use_reentrant=False)
             else:
-                x = block(x, cos, sin, cache, start)
+                x = block(x, cos, sin, cache=cache, start=start)
         return self.norm(x)
 
     def forward(self, idx, targets=None, reduction: str = "mean", cache=None, start: int = 0):
@@ -276,7 +245,7 @@ class Llama(nn.Module):
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         out = [idx]
         for pos in range(T, max_len):
-            nxt = sample(logits, temperature, top_k, top_p, generator)
+            nxt = sample(logits, temperature, top_k=top_k, top_p=top_p, generator=generator)
             nxt = torch.where(done, eos[0], nxt)
             out.append(nxt[:, None])
             done |= torch.isin(nxt, eos)

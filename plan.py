@@ -16,26 +16,26 @@ from pathlib import Path
 
 import torch
 
-from atomic import disk_errors, write_json
-from checkpoint import read_json
+from atomic import read_json
+from config import sequences_per_rank
 from distributed import print0
 from errors import warn
 from hf_io import config_from_hf
 from loss import loss_chunk_rows
-from model import PRESETS, Block, ModelConfig, preset, rope_tables
+from model import MODEL_PRESETS, Block, ModelConfig, preset, rope_tables
 from tokenizer import REFERENCE_NEW_TOKENS
 
 GIB = 2**30
 # torch.cuda.get_device_properties().total_memory of a 16 GB T4: 15,835,398,144 bytes
 T4_GIB = 14.75
-SEED_VOCAB = PRESETS["smollm2-135m"].vocab_size + REFERENCE_NEW_TOKENS  # 58,133
+SEED_VOCAB = MODEL_PRESETS["smollm2-135m"].vocab_size + REFERENCE_NEW_TOKENS  # 58,133
 CUDA_CONTEXT_GIB = 0.5  # driver and kernels, outside PyTorch's allocator (~0.3-0.5 GiB on a T4)
 MARGIN = 1.10  # the stated margin for the caching allocator's reserve, on top of the tensors
 
 
 def saved_bytes_per_token(cfg: ModelConfig, dtype) -> float:
     """Bytes autograd keeps per token for one decoder block, measured at T=32 and T=64."""
-    return _saved_bytes(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim, dtype)
+    return _saved_bytes(cfg.dim, cfg.n_heads, cfg.n_kv_heads, ffn_dim=cfg.ffn_dim, dtype=dtype)
 
 
 @functools.lru_cache
@@ -98,7 +98,8 @@ def largest_micro_batch(cfg: ModelConfig, seq_len: int, checkpointing: bool, gpu
                         dtype=torch.float16, limit: int = 64) -> int:
     """The largest micro-batch dividing `limit` whose plan fits gpu_gib (0: not even 1 fits)."""
     fits = [mb for mb in range(1, limit + 1) if limit % mb == 0 and memory_plan(
-        cfg, seq_len, mb, checkpointing, dtype)["total"] <= gpu_gib - CUDA_CONTEXT_GIB]
+        cfg, seq_len, micro_batch=mb, checkpointing=checkpointing, dtype=dtype)["total"]
+        <= gpu_gib - CUDA_CONTEXT_GIB]
     return max(fits, default=0)
 
 
@@ -119,24 +120,26 @@ def compile_warning(capability: tuple) -> str:
 
 
 def plan_for_run(cfg, env, model_dir: Path, dtype) -> int:
-    """Print the plan for a bori Config and the model in model_dir on this device; pick
-    micro_batch when it is 0 (recorded in out_dir/config.json); refuse a plan that cannot fit.
-    dtype is the autocast dtype (None: fp32)."""
-    fix = f"delete {model_dir} to redo that stage"
-    model_cfg = config_from_hf(read_json(model_dir / "config.json", fix))
+    """Print the plan for a bori Config and the model in model_dir on this device; return the
+    micro_batch to train with (cfg's, or when it is 0 the largest that fits); refuse a plan that
+    cannot fit. dtype is the autocast dtype (None: fp32)."""
+    hint = f"delete {model_dir} to redo that stage"
+    model_cfg = config_from_hf(read_json(model_dir / "config.json", hint))
     model_cfg = dataclasses.replace(model_cfg, pad_vocab_to=cfg.pad_vocab_to)
     on_gpu = env.device.type == "cuda"
     gpu_gib = cfg.gpu_gib or (torch.cuda.get_device_properties(env.device).total_memory / GIB
                               if on_gpu else T4_GIB)
     dtype = dtype if on_gpu or cfg.dtype != "auto" else torch.float16  # a CPU plans for a T4
     dtype = dtype or torch.float32
-    limit = cfg.batch_tokens // (cfg.seq_len * env.world_size)
-    best = largest_micro_batch(model_cfg, cfg.seq_len, cfg.grad_checkpointing, gpu_gib, dtype,
-                               limit)
+    best = largest_micro_batch(model_cfg, cfg.seq_len, checkpointing=cfg.grad_checkpointing,
+                               gpu_gib=gpu_gib, dtype=dtype,
+                               limit=sequences_per_rank(cfg, env.world_size))
     micro_batch = cfg.micro_batch or max(best, 1)
-    need = memory_plan(model_cfg, cfg.seq_len, micro_batch, cfg.grad_checkpointing, dtype)
+    need = memory_plan(model_cfg, cfg.seq_len, micro_batch=micro_batch,
+                       checkpointing=cfg.grad_checkpointing, dtype=dtype)
     where = str(env.device) if on_gpu else f"a {gpu_gib:g} GiB GPU such as a T4"
-    print0(env, format_plan(need, gpu_gib, micro_batch, best, where))
+    print0(env, format_plan(need, gpu_gib=gpu_gib, micro_batch=micro_batch, best=best,
+                            where=where))
     if on_gpu and cfg.compile and torch.cuda.get_device_capability(env.device) < (8, 0):
         warn(compile_warning(torch.cuda.get_device_capability(env.device)))
     usable = gpu_gib - CUDA_CONTEXT_GIB
@@ -144,18 +147,12 @@ def plan_for_run(cfg, env, model_dir: Path, dtype) -> int:
         raise ValueError(f"micro_batch={micro_batch} needs about {need['total']:.1f} GiB per GPU, "
                          f"more than the {usable:.1f} GiB usable here; use micro_batch={best} "
                          "(0 picks it) or grad_checkpointing=true")
-    if env.is_master:
-        record = Path(cfg.out_dir) / "config.json"
-        with disk_errors(record):
-            write_json(record, {**read_json(record, "delete it: the next run writes it again"),
-                                "micro_batch_resolved": micro_batch, "grad_accum":
-                                limit // micro_batch})
     return micro_batch
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="smollm2-135m", help="a model.PRESETS name")
+    p.add_argument("--model", default="smollm2-135m", help="a model.MODEL_PRESETS name")
     p.add_argument("--vocab", type=int, default=SEED_VOCAB, help="tokens in the vocabulary")
     p.add_argument("--seq_len", type=int, default=2048, help="tokens per sequence")
     p.add_argument("--micro_batch", type=int, default=0, help="0: the largest that fits")
@@ -170,7 +167,9 @@ if __name__ == "__main__":
     except ValueError as e:
         p.error(str(e))
     dtype, ckpt = getattr(torch, a.dtype), not a.no_checkpointing
-    best = largest_micro_batch(cfg, a.seq_len, ckpt, a.gpu_gib, dtype)
+    best = largest_micro_batch(cfg, a.seq_len, checkpointing=ckpt, gpu_gib=a.gpu_gib,
+                               dtype=dtype)
     mb = a.micro_batch or max(best, 1)
-    print(format_plan(memory_plan(cfg, a.seq_len, mb, ckpt, dtype), a.gpu_gib, mb, best,
-                      f"a {a.gpu_gib:g} GiB GPU"))
+    need = memory_plan(cfg, a.seq_len, micro_batch=mb, checkpointing=ckpt, dtype=dtype)
+    print(format_plan(need, gpu_gib=a.gpu_gib, micro_batch=mb, best=best,
+                      where=f"a {a.gpu_gib:g} GiB GPU"))

@@ -2,43 +2,49 @@
 
 Rank 0 runs them (bori.run_all) while the other ranks wait. Each writes its folder's DONE.json
 last and is skipped once that exists, so a killed run redoes at most the stage it was in.
+
+    python prepare.py --out DIR [--lang ko|ja|vi] [--train FILES...] [--new-tokens 8981]
+
+builds a merged tokenizer alone and prints how it compresses held-out text: a quick look at
+what a new language's rule (tokenizer.SCRIPTS) and its corpus give before a whole run.
 """
-import os
+import argparse
+import sys
 from pathlib import Path
 
 from tokenizers import Tokenizer
 
 import data
 import tokenizer
-from atomic import atomic_dir, disk_errors, write_json
-from base_model import check_base, check_merged_tokenizer, resolve_base
-from checkpoint import export_folder, read_done, read_json, write_done
-from errors import warn
+from atomic import atomic_dir, disk_errors, read_json, write_json
+from checkpoint import export_folder, read_done, write_done
+from errors import about, warn
 from evaluate import evaluate, print_tokenizer_report, tokenizer_report
 from hf_io import from_pretrained
+from inputs import OFFLINE_BASE, check_base, check_merged_tokenizer, resolve_base
 from model import expand_vocab
 
 
-def eval_sets(cfg) -> dict:
-    """The held-out texts per language: the first eval_bytes of each eval source."""
+def eval_sets(corpora: list, eval_bytes: int, text_field: str, is_master: bool = True) -> dict:
+    """The held-out texts per language (corpora: bori.sources(cfg)): the first eval_bytes of
+    each corpus's held-out source."""
     evals = {}
-    for lang, flag in ((cfg.lang, "eval_new"), ("en", "eval_en")):
-        try:
-            evals[lang] = data.eval_docs(getattr(cfg, flag), cfg.eval_bytes, cfg.text_field)
-        except ValueError as e:  # say which flag names it
-            raise type(e)(f"--{flag}: {e}") from None
-        size = sum(len(t.encode()) for t in evals[lang])
-        if size < cfg.eval_bytes * 0.9 and int(os.environ.get("RANK", 0)) == 0:
-            warn(f"--{flag} holds only {size:,} of the {cfg.eval_bytes:,} bytes asked "
-                 "for (eval_bytes): its bits per byte are measured on less text")
+    for corpus in corpora:
+        with about(corpus.held_out_flag):
+            evals[corpus.name] = data.eval_docs(corpus.held_out, eval_bytes, text_field)
+        size = sum(len(t.encode()) for t in evals[corpus.name])
+        if size < eval_bytes * 0.9 and is_master:  # 10%: a document boundary's slack
+            warn(f"--{corpus.held_out_flag} holds only {size:,} of the {eval_bytes:,} bytes "
+                 "asked for (eval_bytes): its bits per byte are measured on less text")
     return evals
 
 
 def bpe_training_text(run):
-    """The first tokenizer_bytes (0: all) of the new language's text the BPE is trained on."""
-    cfg, total = run.cfg, 0
-    path = cfg.tokenizer_data or cfg.data_new
-    try:
+    """The first tokenizer_bytes (0: all) of the new language's text the BPE is trained on:
+    tokenizer_data, or else the new language's training source."""
+    cfg, total, new_language = run.cfg, 0, run.corpora[0]
+    path = cfg.tokenizer_data or new_language.train
+    with about("tokenizer_data" if cfg.tokenizer_data else new_language.train_flag):
         for text in data.iter_texts([path], cfg.text_field, progress=True):
             run.check_stop("the tokenizer was trained")
             raw = text.encode("utf-8")
@@ -47,9 +53,6 @@ def bpe_training_text(run):
                 return
             yield text
             total += len(raw)
-    except ValueError as e:  # say which flag names the broken source
-        raise type(e)(f"--{'tokenizer_data' if cfg.tokenizer_data else 'data_new'}: {e}") \
-            from None
     if total == 0:
         raise ValueError(f"tokenizer data {path!r} has no text; point data_new (or "
                          "tokenizer_data) at text of the new language")
@@ -63,8 +66,8 @@ def stage_tokenizer(run, base_dir: Path):
         read_done(tok_dir)  # its files are still what it wrote
         return
     with disk_errors(tok_dir), atomic_dir(tok_dir) as tmp:
-        done = tokenizer.build(base_dir, tmp, bpe_training_text(run), run.cfg.new_tokens,
-                               run.cfg.unicode_script)
+        done = tokenizer.build(base_dir, tmp, bpe_training_text(run), n_new=run.cfg.new_tokens,
+                               script=run.cfg.unicode_script)
         report = tokenizer_report(base_dir, tmp, run.evals)
         print_tokenizer_report(report)
         print(f"merged {done['new_tokens']:,} tokens; the rule: {done['rule']}; "
@@ -85,11 +88,12 @@ def stage_init(run, base_dir: Path):
     base = from_pretrained(base_dir).to(run.env.device)
     base_tok = Tokenizer.from_file(str(base_dir / "tokenizer.json"))
     emap = read_json(tok_dir / "eeve_map.json", f"delete {tok_dir} to rebuild it")
-    check_merged_tokenizer(base_dir, base_tok, base.cfg.vocab_size, tok_dir, emap)
+    check_merged_tokenizer(base_dir, base_tok, n_rows=base.cfg.vocab_size, tok_dir=tok_dir,
+                           emap=emap)
     run.metrics.truncate_after("base", 0)
     headroom = []
-    scores = evaluate(base, base_tok, run.evals, cfg.seq_len, run.env.device, run.ctx,
-                      headroom=headroom)
+    scores = evaluate(base, base_tok, run.evals, seq_len=cfg.seq_len, device=run.env.device,
+                      ctx=run.ctx, headroom=headroom)
     run.metrics.log(kind="eval", phase="base", step=0, **scores,
                     fp16_peak=[round(p, 4) for p in headroom])
     print("base model: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()), flush=True)
@@ -105,3 +109,36 @@ def prepare_model(run):
     check_base(base_dir, run.cfg.seq_len)
     stage_tokenizer(run, base_dir)
     stage_init(run, base_dir)
+
+
+def main(argv=None):
+    """The tokenizer stage alone, on the bundled corpus or given files."""
+    p = argparse.ArgumentParser(description="Train a BPE of a new language and merge it into a "
+                                "base tokenizer.")
+    p.add_argument("--base", default=OFFLINE_BASE, help="base model folder, hub id or GGUF")
+    p.add_argument("--out", required=True, help="folder for the merged tokenizer")
+    p.add_argument("--lang", default="ko", choices=sorted(data.LANGUAGES),
+                   help="the new language: its script rule and bundled corpus (default: ko)")
+    p.add_argument("--train", nargs="*", help="its text files (default: the bundled corpus)")
+    p.add_argument("--eval", nargs="*", help="its held-out files for the report")
+    p.add_argument("--new-tokens", type=int, default=tokenizer.REFERENCE_NEW_TOKENS,
+                   help="how many")
+    args = p.parse_args(argv)
+    script = data.LANGUAGES[args.lang].script
+    try:
+        base_dir = resolve_base(args.base)
+        train = data.iter_texts(args.train or [data.BUNDLED[f"{args.lang}_train"]], progress=True)
+        done = tokenizer.build(base_dir, args.out, train, n_new=args.new_tokens, script=script)
+        evals = {args.lang: list(data.iter_texts(args.eval or
+                                                 [data.BUNDLED[f"{args.lang}_eval"]])),
+                 "en": list(data.iter_texts([data.BUNDLED["en_eval"]]))}
+        report = tokenizer_report(base_dir, args.out, evals)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    print_tokenizer_report(report)
+    print(f"the rule: {done['rule']}; turned away: {done['rejected']}")
+    print(f"wrote {args.out}/tokenizer.json, eeve_map.json")
+
+
+if __name__ == "__main__":
+    main()

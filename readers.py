@@ -50,7 +50,7 @@ def check_head(file: str, head: bytes):
     if head.startswith(UTF16_32_BOMS) or head.count(0) > len(head) // 10:
         raise CorpusError(f"{file} is not UTF-8 text (it looks like UTF-16 or UTF-32); convert "
                           f"it, e.g. iconv -f UTF-16 -t UTF-8 {convert}")
-    head = head[:complete(head)]
+    head = head[:whole_chars_length(head)]
     if len(head) - len(head.decode("utf-8", errors="ignore").encode()) > len(head) // 4:
         raise CorpusError(f"{file} is not UTF-8 text (most of its first bytes are not UTF-8: "
                           f"another encoding, such as CP949); convert it, e.g. iconv -f CP949 "
@@ -82,7 +82,7 @@ def open_text(file: str):
                           "readable") from None
 
 
-def complete(chunk: bytes) -> int:
+def whole_chars_length(chunk: bytes) -> int:
     """The length of chunk's longest start that does not end inside a UTF-8 character."""
     for back in range(1, min(4, len(chunk)) + 1):
         byte = chunk[-back]
@@ -108,7 +108,7 @@ def lines(f, file: str):
                 carry = b""
                 yield chunk, True
             else:
-                cut = complete(chunk)
+                cut = whole_chars_length(chunk)
                 chunk, carry = chunk[:cut], chunk[cut:]
                 yield chunk, False
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
@@ -173,17 +173,25 @@ def json_documents(f, file: str, field: str):
 
 
 def json_text(line: str, field: str, file: str, n: int) -> str:
+    """The text of one JSON-lines record (line n of file)."""
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
         raise CorpusError(f"{file} line {n} is not valid JSON ({e.msg}); JSONL wants one object "
                           "per line") from None
-    if not isinstance(obj, dict) or field not in obj:
-        keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-        hint = f"e.g. PATH#{keys[0]}" if isinstance(keys, list) and keys else "PATH#KEY"
-        raise CorpusError(f"{file} line {n} has no text field {field!r} (it has {keys}); name "
-                          f"the key that holds the text after the path, {hint}")
-    if not isinstance(obj[field], str):
-        raise CorpusError(f"{file} line {n}: field {field!r} holds {type(obj[field]).__name__} "
-                          f"{str(obj[field])[:40]!r}, not text; fix or drop that line")
-    return obj[field]
+    return field_text(obj, field, where=f"{file} line {n}", path=file, unit="line")
+
+
+def field_text(record, field: str, where: str, path: str, unit: str = "record") -> str:
+    """record[field] when record is a dict holding text there; else one sentence saying what
+    the record holds and how to name the right key (PATH#KEY). where: the file and line, or
+    the source; path: what the user passed; unit: what a record is there (a line, a record)."""
+    if not isinstance(record, dict) or field not in record:
+        keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+        hint = f"e.g. {path}#{keys[0]}" if isinstance(keys, list) and keys else f"{path}#KEY"
+        raise CorpusError(f"{where} has no text field {field!r} (it has {keys}); name the key "
+                          f"that holds the text after the path, {hint}")
+    if not isinstance(record[field], str):
+        raise CorpusError(f"{where}: field {field!r} holds {type(record[field]).__name__} "
+                          f"{str(record[field])[:40]!r}, not text; fix or drop that {unit}")
+    return record[field]

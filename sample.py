@@ -62,8 +62,8 @@ def main(argv=None):
     for prompt in args.prompt or ["대한민국의 수도는", "The capital of France is"]:
         idx = torch.tensor([tok.encode(prompt).ids], device=device)
         t0 = time.perf_counter()
-        out = model.generate(idx, args.max_tokens, args.temperature, args.top_k, args.top_p,
-                             eos, gen)
+        out = model.generate(idx, args.max_tokens, temperature=args.temperature,
+                             top_k=args.top_k, top_p=args.top_p, eos_ids=eos, generator=gen)
         n_new = out.shape[1] - idx.shape[1]
         rate = n_new / (time.perf_counter() - t0)
         print(f"{prompt}{tok.decode(out[0, idx.shape[1]:].tolist())}\n"

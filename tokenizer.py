@@ -1,7 +1,8 @@
 """Train a byte-level BPE of a new language and merge its tokens into a base tokenizer as true
 merges.
 
-    python tokenizer.py --out DIR [--lang ko|ja|vi] [--train FILES...] [--new-tokens 8981]
+    tokenizer.build(base_dir, out_dir, texts, n_new=8981, script="hangul")
+    python prepare.py --out DIR [--lang ko|ja|vi]   # the same from the command line
 
 The merged tokenizer keeps every base id and merge, then appends new tokens (ids from the base
 size on) and the merges that build them. Every added merge yields a token that passes its
@@ -11,11 +12,9 @@ Writes tokenizer.json, tokenizer_config.json and eeve_map.json (the base pieces 
 token, for model.expand_vocab).
 BPE: Sennrich et al. 2016, arXiv:1508.07909; byte-level BPE: Radford et al. 2019 (GPT-2).
 """
-import argparse
 import hashlib
 import json
 import shutil
-import sys
 from pathlib import Path
 
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
@@ -235,39 +234,3 @@ def build(base_dir, out_dir, texts, n_new: int = REFERENCE_NEW_TOKENS,
     (out_dir / "eeve_map.json").write_text(json.dumps(emap, ensure_ascii=False))
     return {"new_tokens": len(new_tokens), "vocab_size": base.get_vocab_size() + len(new_tokens),
             "rule": f"a new token {SCRIPTS[script][0]}", "rejected": rejected}
-
-
-def main(argv=None):
-    # the command line's own needs, imported here because they import this module
-    import data
-    import evaluate
-    from base_model import resolve_base
-    from convert_gguf import OFFLINE_BASE
-    p = argparse.ArgumentParser(description="Train a BPE of a new language and merge it into a "
-                                "base tokenizer.")
-    p.add_argument("--base", default=OFFLINE_BASE, help="base model folder, hub id or GGUF")
-    p.add_argument("--out", required=True, help="folder for the merged tokenizer")
-    p.add_argument("--lang", default="ko", choices=sorted(data.LANGUAGES),
-                   help="the new language: its script rule and bundled corpus (default: ko)")
-    p.add_argument("--train", nargs="*", help="its text files (default: the bundled corpus)")
-    p.add_argument("--eval", nargs="*", help="its held-out files for the report")
-    p.add_argument("--new-tokens", type=int, default=REFERENCE_NEW_TOKENS, help="how many")
-    args = p.parse_args(argv)
-    script = data.LANGUAGES[args.lang].script
-    try:
-        base_dir = resolve_base(args.base)
-        train = data.iter_texts(args.train or [data.BUNDLED[f"{args.lang}_train"]], progress=True)
-        done = build(base_dir, args.out, train, args.new_tokens, script)
-        evals = {args.lang: list(data.iter_texts(args.eval or
-                                                 [data.BUNDLED[f"{args.lang}_eval"]])),
-                 "en": list(data.iter_texts([data.BUNDLED["en_eval"]]))}
-        report = evaluate.tokenizer_report(base_dir, args.out, evals)
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
-    evaluate.print_tokenizer_report(report)
-    print(f"the rule: {done['rule']}; turned away: {done['rejected']}")
-    print(f"wrote {args.out}/tokenizer.json, eeve_map.json")
-
-
-if __name__ == "__main__":
-    main()

@@ -12,8 +12,8 @@ from tokenizers import Tokenizer
 import bori
 import data
 import tokenizer
-from base_model import resolve_base
-from convert_gguf import OFFLINE_BASE
+from gguf_io import OFFLINE_BASE
+from inputs import resolve_base
 from hf_io import from_pretrained, save_pretrained
 from model import Llama, preset
 

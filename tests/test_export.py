@@ -11,15 +11,14 @@ import torch
 from helpers import ENGLISH, KOREAN, ROOT, logged, weights
 from tokenizers import Tokenizer
 
-import export_gguf
-from convert_gguf import gguf_to_hf, read_gguf
+from gguf_io import gguf_to_hf, read_gguf, write_gguf
 from hf_io import from_pretrained
 
 
 @pytest.mark.slow
 def test_gguf_round_trip_f32_is_exact(tiny_run, tmp_path):
     folder = tiny_run / "final"
-    path = export_gguf.export(folder, tmp_path / "m.gguf", "f32")
+    path = write_gguf(folder, tmp_path / "m.gguf", "f32")
     hf, tensors, meta = read_gguf(path)  # un-permutes Q and K
     ours = weights(folder)
     assert set(tensors) == set(ours)
@@ -43,7 +42,7 @@ def test_gguf_round_trip_f32_is_exact(tiny_run, tmp_path):
 
 @pytest.mark.slow
 def test_gguf_f16_export_rounds_only_matrices(tiny_run, tmp_path):
-    path = export_gguf.export(tiny_run / "final", tmp_path / "m16.gguf", "f16")
+    path = write_gguf(tiny_run / "final", tmp_path / "m16.gguf", "f16")
     _, tensors, _ = read_gguf(path)
     for key, value in weights(tiny_run / "final").items():
         expected = value.half().float() if value.ndim == 2 else value
@@ -51,7 +50,7 @@ def test_gguf_f16_export_rounds_only_matrices(tiny_run, tmp_path):
 
 
 def test_llama_cpp_permutation_is_the_inverse():
-    from convert_gguf import rope_permute, rope_unpermute
+    from gguf_io import rope_permute, rope_unpermute
     w = np.arange(12 * 5, dtype=np.float32).reshape(12, 5)
     assert np.array_equal(rope_unpermute(rope_permute(w, 3), 3), w)
     # llama.cpp's layout interleaves the two rotate-half halves of each head: rows 0, 3, 1, 4...

@@ -21,7 +21,7 @@ import bori
 from errors import EXIT_INTERRUPTED
 import checkpoint
 import model as model_module
-import report
+import runlog
 
 def writing_checkpoint(out: Path) -> bool:
     return any(out.glob("phase1?/ckpt-*.tmp"))
@@ -364,7 +364,7 @@ def test_metrics_after_a_kill_mid_record_keep_every_whole_record_up_to_the_check
     rec.insert(2, {"kind": "eval", "phase": "1a", "step": 2, "ko_bpb": 1.5})
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rec) + '{"kind": "train", "pha')
-    report.Metrics(path, True).truncate_after("1a", 2)  # resuming from step 2
+    runlog.Metrics(path, True).truncate_after("1a", 2)  # resuming from step 2
     assert [json.loads(line) for line in path.read_text().splitlines()] == rec[:2]
     assert not (tmp_path / "metrics.jsonl.tmp").exists()
 

@@ -66,7 +66,7 @@ def test_the_watch_reports_each_layers_fp16_headroom(base_model, base_tok):
 
 
 def test_a_layer_near_the_fp16_limit_is_warned_about(tmp_path, capsys):
-    from report import Metrics, Progress
+    from runlog import Metrics, Progress
     with Progress(Metrics(tmp_path / "m.jsonl", True), "1a", 10, 0, 1, True, 3.0) as progress:
         progress.eval(0, {"ko_bpb": 1.0}, [0.1, 0.62, 0.3])
     assert "warning: layer 1's activations reach 62% of fp16's largest number" in \
@@ -174,12 +174,14 @@ def test_a_source_that_is_also_eval_skips_the_held_out_documents(tmp_path, base_
     path = tmp_path / "one.jsonl"
     path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts))
     held = data.eval_docs(str(path), 200)
-    source = data.training_source("ko", str(path), str(path), 200, "text")
+    source = data.training_source(data.Corpus("ko", str(path), str(path), "data_new", "eval_new"),
+                                  eval_bytes=200, text_field="text")
     assert source.skip == len(held) > 0
     stream = data.PackedStream(source, base_tok, 0)
     first = stream.take(5)
     assert first == base_tok.encode(texts[len(held)]).ids[:5]  # the first not held out
-    assert data.training_source("ko", str(path), "other.jsonl", 200, "text").skip == 0
+    other = data.Corpus("ko", str(path), "other.jsonl", "data_new", "eval_new")
+    assert data.training_source(other, eval_bytes=200, text_field="text").skip == 0
 
 
 def test_english_is_held_out_from_the_replay_by_default():

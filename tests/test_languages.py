@@ -101,7 +101,7 @@ def test_every_language_preset_is_one_recipe_with_its_own_values():
     for code, lang in data.LANGUAGES.items():
         for kind in ("bori", "demo"):
             cfg = load(f"--preset={kind}-{code}")
-            validate(cfg, bori.recipe(cfg), 1)
+            validate(cfg, bori.recipe(cfg), bori.sources(cfg), 1)
             assert (cfg.lang, cfg.unicode_script, cfg.new_tokens) == (code, lang.script,
                                                                      lang.new_tokens)
             assert (cfg.mix_1a, cfg.mix_1b) == (f"{code}=1.0", f"{code}=0.9,en=0.1")
@@ -118,4 +118,4 @@ def test_every_language_preset_is_one_recipe_with_its_own_values():
     cfg = load("--preset=demo", "--lang=ja")  # Korean's mixes with Japanese named: one sentence
     with pytest.raises(ValueError, match=r"names \['ko'\]; the sources are \['en', 'ja'\] "
                        r"\(--lang=ja names the new language's; --preset=demo-ja or bori-ja"):
-        validate(cfg, bori.recipe(cfg), 1)
+        validate(cfg, bori.recipe(cfg), bori.sources(cfg), 1)

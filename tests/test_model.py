@@ -71,7 +71,7 @@ def test_real_model_english_perplexity_and_paris(base_model, base_tok):
 def test_converted_tokenizer(base_tok, base_dir):
     from gguf import GGUFReader
 
-    from convert_gguf import bundled_gguf
+    from gguf_io import bundled_gguf
     assert base_tok.get_vocab_size() == 49152
     assert [base_tok.id_to_token(i) for i in range(3)] == [
         "<|endoftext|>", "<|im_start|>", "<|im_end|>"]

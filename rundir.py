@@ -1,0 +1,107 @@
+"""A run's folder (out_dir) as a record of the run: who holds it, the settings it was made with
+(config.json), and whether a command may go on with it.
+
+    record_run(cfg, phases, env, held)   # rank 0, before any stage: lock, check, write
+
+One out_dir holds one run. Its settings are written to config.json before anything else, and a
+later command on the same out_dir is checked against them: a setting that a finished stage used
+cannot change under it (the stage's output would no longer be what the settings say), while
+settings that change no result (log_every, max_hours...) may.
+"""
+from contextlib import ExitStack
+from dataclasses import asdict
+from pathlib import Path
+
+from atomic import disk_errors, lock_dir, read_json, write_json
+from distributed import autocast
+
+
+# The names older bori used, and the fields that replaced them: old commands (config.parse_flags
+# reads this table) and old runs' config.json keep working. The only place they are spelled.
+RENAMED = {"script": "unicode_script", "data_ko": "data_new", "eval_ko": "eval_new"}
+
+
+def saved_config(path: Path, hint: str) -> dict:
+    """A run's config.json in today's names: old names mapped (RENAMED), and a run from
+    before --lang existed is Korean (the only language bori had then)."""
+    saved = read_json(path, hint)
+    return {"lang": "ko", **{RENAMED.get(k, k): v for k, v in saved.items()}}
+
+
+def fixed_by_stage(phases: list) -> dict:
+    """{stage folder: the settings its output was made from}. Once a stage has written state,
+    changing one of them would make that state meaningless (or, for the held-out texts, make the
+    base-vs-final table compare other texts). The first training phase fixes the batch and the
+    data streams: every later phase takes its streams over where it stopped."""
+    return {
+        "tokenizer": ("base", "lang", "data_new", "text_field", "new_tokens", "unicode_script",
+                      "tokenizer_data", "tokenizer_bytes"),
+        "init": ("init", "eval_new", "eval_en", "eval_bytes"),
+        phases[0].folder: ("data_en", "pad_vocab_to", "seq_len", "micro_batch", "batch_tokens",
+                           *[f"mix_{p.name}" for p in phases], "new_rows_only", "seed"),
+    }
+
+
+# What a finished run may be run again with: settings that change no result
+NO_RESULT = ("out_dir", "debug", "log_every", "max_hours", "stop_after_steps", "keep_ckpts",
+             "ckpt_every", "device", "gpu_gib")
+
+
+def has_state(stage: Path) -> bool:
+    """Whether a stage folder holds what a run would resume from: a DONE.json or a checkpoint."""
+    return (stage / "DONE.json").is_file() or any(stage.glob("ckpt-*"))
+
+
+def check_resume(cfg, phases: list, out: Path, world_size: int) -> bool:
+    """Refuse settings that contradict what out_dir already holds. True when out_dir holds a
+    finished run made with these settings (there is nothing to do)."""
+    if not (out / "config.json").is_file():
+        return False
+    saved = saved_config(out / "config.json",
+                         "delete it (it is written again) or use a new out_dir")
+    now = asdict(cfg)
+    if (out / "final.gguf").is_file():
+        changed = [k for k in now if k not in NO_RESULT and k in saved and saved[k] != now[k]]
+        what = "a finished run made"
+    else:
+        changed = [k for stage, keys in fixed_by_stage(phases).items()
+                   if has_state(out / stage) for k in keys if k in saved and saved[k] != now[k]]
+        what = "a run started"
+    if changed:
+        diff = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed)
+        raise ValueError(f"{out} holds {what} with other settings ({diff}); use a new out_dir "
+                         "or the original values")
+    # data streams and checkpoints are per rank: another process count cannot resume them
+    if has_state(out / phases[0].folder) and saved.get("world_size", world_size) != world_size:
+        raise ValueError(f"{out} was started with {saved['world_size']} processes; resume it "
+                         "with as many (data streams and checkpoints are per rank)")
+    return (out / "final.gguf").is_file()
+
+
+def record_run(cfg, phases: list, env, held: ExitStack):
+    """Rank 0: lock out_dir for this run (held until it ends), check the settings against
+    what it holds, and write them, with the phases they make, to config.json unless the run is
+    finished already."""
+    out = Path(cfg.out_dir)
+    with disk_errors(out):
+        out.mkdir(parents=True, exist_ok=True)
+    held.enter_context(lock_dir(out))
+    if check_resume(cfg, phases, out, env.world_size):
+        print(f"{out} holds a finished run with these settings:", flush=True)
+        return
+    record = {**asdict(cfg), "world_size": env.world_size, "device_name": str(env.device),
+              "amp_dtype": str(autocast(cfg.dtype, env.device)[1])}
+    with disk_errors(out / "config.json"):
+        # the phases as the run reads them: the card, the plot and the exports need no names
+        write_json(out / "config.json", {**record, "phases": [
+            {**asdict(p), "folder": p.folder} for p in phases]})
+    print("config:\n" + "\n".join(f"  {k} = {v}" for k, v in record.items()), flush=True)
+
+
+def add_to_record(out: Path, values: dict):
+    """Rank 0: add values decided once the run has started (the micro-batch the memory plan
+    chose) to out_dir/config.json."""
+    record = out / "config.json"
+    with disk_errors(record):
+        write_json(record, {**read_json(record, "delete it: the next run writes it again"),
+                            **values})
