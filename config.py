@@ -4,7 +4,9 @@ then checking it.
     load_config(Config, PRESETS, ["--preset=demo", "--config=run.toml", "--lr_1b=1e-4"])
 
 Defaults, then the preset, then the TOML file, then the flags: the last one wins. Each flag is
-parsed by its field's type (booleans are true/false); no config file is ever executed.
+parsed by its field's type (booleans are true/false); no config file is ever executed (tomllib,
+not nanoGPT's exec'd configurator). validate() runs before any process group or allocation, so
+a wrong value costs seconds rather than a GPU session.
 """
 import dataclasses
 import difflib
@@ -19,7 +21,15 @@ from gguf_io import OFFLINE_BASE
 from schedule import DECAY_SHAPES
 from tokenizer import SCRIPTS
 
+# ----------------------------------------------------------------------------------------------
+# Presets
+
 # Named sets of bori.Config's values (--preset=NAME); the defaults are the seed recipe.
+# The demo is the seed recipe shrunk to minutes on 2 CPU cores (README: 6.7 min for Korean):
+# micro_batch 2 x seq 256 = batch_tokens 512, so one process takes one micro-step per step;
+# decay is 6 of 30 steps, the seed's last 20%; tokenizer_bytes=0 trains the BPE on the whole
+# bundled corpus (2.5 MB of Korean, under the seed's 100 MB cut); no checkpointing: at seq 256 a
+# CPU has memory to spare, and the recompute costs a third more work.
 DEMO = dict(base=OFFLINE_BASE, data_en=data.BUNDLED["en_train"], eval_en=data.BUNDLED["en_eval"],
             eval_bytes=4000, tokenizer_bytes=0, seq_len=256, micro_batch=2, batch_tokens=512,
             steps_1a=30, lr_1a=3e-4, warmup_1a=3, decay_1a=6, steps_1b=30, lr_1b=2e-4,
@@ -31,6 +41,10 @@ def language(code: str, demo: bool) -> dict:
     """The recipe for another language: its fineweb-2 text (or for the demo the bundled one),
     its script's rule, its prompts, and the same 90/10 replay."""
     lang, hub = data.LANGUAGES[code], "hf:HuggingFaceFW/fineweb-2"
+    # 10% English replay: in the README's 60-step experiment English ends +1.6% over the base
+    # with it and +10.1% (still climbing) without; the English prompt shows what is left of it.
+    # Each language gets its own out_dir: a folder holds one run's settings, and a ko run's
+    # finished stages must not be taken for a ja run's.
     values = dict(lang=code, unicode_script=lang.script, new_tokens=lang.new_tokens,
                   mix_1a=f"{code}=1.0", mix_1b=f"{code}=0.9,en=0.1",
                   sample_prompts=lang.prompts + "|The capital of France is",
@@ -43,15 +57,21 @@ def language(code: str, demo: bool) -> dict:
 
 
 PRESETS = {  # the first is the default
+    # "bori" is Config's own defaults; "demo" keeps runs/demo, the folder README's examples name
     "bori": {}, "demo": {**language("ko", True), "out_dir": "runs/demo"},
     **{f"{kind}-{code}": language(code, kind == "demo") for code in data.LANGUAGES
        for kind in ("bori", "demo")}}
 
 
+# ----------------------------------------------------------------------------------------------
+# Flags and TOML into a Config
+
 META_FLAGS = ("preset", "config")  # flags that choose other values rather than set a field
 
 
 def parse_value(field, text: str):
+    """One flag's text as its field's type."""
+    # bool("false") is True in Python, and 0/1 flags are what STYLE avoids: spelled out only
     if field.type is bool:
         if text.lower() not in ("true", "false"):
             raise ValueError(f"--{field.name}={text}: expected true or false")
@@ -70,13 +90,14 @@ def parse_flags(cls, argv: list, renamed: dict) -> dict:
     while args:
         arg = args.pop(0)
         key, eq, value = arg.removeprefix("--").partition("=")
+        # "-1e-4" is taken as a value: only "--" starts a flag
         if not eq and arg.startswith("--") and args and not args[0].startswith("--"):
             value, eq = args.pop(0), "="  # --key value
         if not arg.startswith("--") or not eq:
             raise ValueError(f"argument {arg!r} is not --key=value or --key value (booleans: "
                              "--key=true); python bori.py --help lists them all")
-        key = renamed.get(key, key)
-        if key not in known:
+        key = renamed.get(key, key)  # data_ko/eval_ko/script: commands from before --lang
+        if key not in known:  # a typo fails here, not as a silently ignored option
             close = difflib.get_close_matches(key, known, n=1)
             raise ValueError(f"unknown option --{key}"
                              + (f"; did you mean --{close[0]}?" if close else ""))
@@ -100,6 +121,7 @@ def read_toml(cls, path: Path, renamed: dict) -> dict:
         if key not in known:
             raise ValueError(f"unknown key {key!r} in {path}")
         want = known[key].type  # bool is an int in Python, and TOML true is no number
+        # TOML's `lr = 1` is an int; a float field takes it, as Python's float(1) would
         if isinstance(value, bool) != (want is bool) or not isinstance(value, want) and not (
                 want is float and isinstance(value, int)):
             raise ValueError(f"{key} = {value!r} in {path}: expected {want.__name__}")
@@ -112,6 +134,8 @@ def help_text(cls, presets: dict, intro: str) -> str:
     lines = [intro.strip(), "", f"presets (--preset=NAME): {', '.join(presets)} (the first is "
              "the default); --config=FILE.toml sets fields from a file, flags go on top", "",
              "options (--key=value or --key value; booleans are true or false):"]
+    # The help is read off bori.Config's source: a knob is documented once, by the comment
+    # beside its field, and --help cannot drift from it.
     defaults = {f.name: f.default for f in fields(cls)}
     for line in inspect.getsource(cls).splitlines()[1:]:
         code, _, comment = line.strip().partition("# ")
@@ -120,6 +144,7 @@ def help_text(cls, presets: dict, intro: str) -> str:
             lines += ["", comment]
         elif name in defaults:
             flag = f"  --{name}={defaults[name]}"
+            # a 36-column flag keeps the comments aligned; a longer one is not cut
             lines.append((flag.ljust(36) if len(flag) < 36 else flag + "  ") + comment)
     return "\n".join(lines)
 
@@ -133,11 +158,15 @@ def load_config(cls, presets: dict, argv: list, renamed: dict = None):
     name = flags.pop("preset", toml.pop("preset", next(iter(presets))))  # the command line wins
     if name not in presets:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(presets)}")
-    values = {**presets[name], **toml}
+    values = {**presets[name], **toml}  # the more specific source wins
     known = {f.name: f for f in fields(cls)}
+    # only flags are text; TOML values arrived typed and read_toml has checked them
     values.update({k: parse_value(known[k], v) for k, v in flags.items()})
     return cls(**values)
 
+
+# ----------------------------------------------------------------------------------------------
+# The batch: tokens per step = micro_batch * seq_len * world_size * grad_accum (llm.c's check)
 
 def sequences_per_rank(cfg, world_size: int) -> int:
     """Sequences each process contributes to one optimizer step (micro-batches x accumulation)."""
@@ -158,12 +187,16 @@ def fit_micro_batch(cfg, world_size: int, is_master: bool = True):
     per_rank = sequences_per_rank(cfg, world_size)
     if per_rank < 1 or per_rank % cfg.micro_batch == 0:
         return cfg
+    # the largest divisor: the fewest micro-steps, and batch_tokens (so the recipe) unchanged
     fitted = max(m for m in range(1, cfg.micro_batch + 1) if per_rank % m == 0)
     if is_master:
         print(f"micro_batch={cfg.micro_batch} does not divide batch_tokens={cfg.batch_tokens} "
               f"over {world_size} processes; using micro_batch={fitted}", flush=True)
     return dataclasses.replace(cfg, micro_batch=fitted)
 
+
+# ----------------------------------------------------------------------------------------------
+# Checks, before any process group, allocation or write
 
 def validate(cfg, phases: list, corpora: list, world_size: int):
     """Every check of the values that needs no model, no data and no process group; phases
@@ -173,18 +206,21 @@ def validate(cfg, phases: list, corpora: list, world_size: int):
                          f"fits); got seq_len={cfg.seq_len}, micro_batch={cfg.micro_batch}")
     per_step = max(cfg.micro_batch, 1) * cfg.seq_len * world_size
     if cfg.batch_tokens % per_step:
+        # the nearest multiple, so the error names a value that works (STYLE's example)
         good = max(1, round(cfg.batch_tokens / max(per_step, 1))) * per_step
         raise ValueError(f"batch_tokens={cfg.batch_tokens} is not a multiple of {per_step} "
                          f"(micro_batch*seq_len*world_size); try batch_tokens={good}")
     for phase in phases:
         steps, warm, dec = phase.steps, phase.warmup, phase.decay
+        # WSD (schedule.py): warmup, a stable stretch, then decay; the two ends must fit
         if steps < 1 or warm < 0 or dec < 1 or warm + dec > steps:
             raise ValueError(f"phase {phase.name}: need steps >= 1, decay >= 1 and warmup + "
                              f"decay <= steps (got steps {steps}, warmup {warm}, decay {dec})")
-        data.parse_weights(phase.mix)
+        data.parse_weights(phase.mix)  # a malformed mix fails now, not when its phase starts
     checks = [(cfg.init in ("eeve", "mean", "random"), "init must be eeve, mean or random"),
               (cfg.unicode_script in SCRIPTS,
                f"unicode_script must be one of {sorted(SCRIPTS)} (or add its rule there)"),
+              # "en" is the replay's source name: a new language called en would collide
               (cfg.lang != "en" and cfg.lang.isalpha() and cfg.lang.islower(),
                f"lang={cfg.lang!r} must be the new language's code, such as ko, ja or vi"),
               (cfg.report_to in ("none", "tensorboard", "wandb"),
@@ -200,10 +236,12 @@ def validate(cfg, phases: list, corpora: list, world_size: int):
               (min(cfg.log_every, cfg.eval_every, cfg.ckpt_every, cfg.keep_ckpts,
                    cfg.max_bad_steps) > 0,
                "log_every, eval_every, ckpt_every, keep_ckpts and max_bad_steps must be > 0")]
+    # inf > 0 is True, so finiteness is its own check
     finite = all(map(math.isfinite, [p.lr for p in phases] + [cfg.grad_clip, cfg.weight_decay]))
     checks += [(finite and all(p.lr > 0 for p in phases), "learning rates must be finite and > 0"),
                (finite and cfg.grad_clip > 0, "grad_clip must be finite and > 0"),
                (0 <= cfg.weight_decay, "weight_decay must be finite and >= 0"),
+               # beta = 1 makes AdamW's bias correction 1 - beta^t zero, a division by zero
                (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1, "beta1 and beta2 must be in [0, 1)"),
                (cfg.peak_tflops > 0 and cfg.gpu_gib >= 0, "peak_tflops must be > 0, gpu_gib >= 0"),
                (cfg.max_hours >= 0 and cfg.stop_after_steps >= 0,
@@ -216,6 +254,8 @@ def validate(cfg, phases: list, corpora: list, world_size: int):
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+    # A mix names sources by language code; a wrong one would otherwise surface only when its
+    # phase starts, hours into a run (Phase 1B follows 1,000 steps of Phase 1A).
     names = {corpus.name for corpus in corpora}
     hint = (f"--preset=demo-{cfg.lang} or bori-{cfg.lang} sets them" if cfg.lang in data.LANGUAGES
             else "name it in " + " and ".join(f"--mix_{p.name}" for p in phases))

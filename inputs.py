@@ -20,6 +20,9 @@ from gguf_io import OFFLINE_BASE, bundled_gguf, gguf_to_hf
 from readers import check_readable
 from tokenizer import fingerprint, full_vocab
 
+# ----------------------------------------------------------------------------------------------
+# The base model
+
 # converted bases are cached here, keyed by the GGUF's content (BORI_CACHE moves it)
 CACHE_DIR = Path(os.environ.get("BORI_CACHE", Path.home() / ".cache" / "bori"))
 
@@ -35,6 +38,7 @@ def resolve_base(spec: str, cache_dir=CACHE_DIR) -> Path:
         # keyed by content: another file of the same name, or this one changed, converts anew
         out = cache_dir / f"{src.stem}-{sha256_file(src)[:16]}"
         if not (out / "model.safetensors").is_file():
+            # shared: two ranks, runs or test workers may convert at once; the first one wins
             gguf_to_hf(src, out, shared=True)
         return out
     path = Path(spec).expanduser()
@@ -43,6 +47,7 @@ def resolve_base(spec: str, cache_dir=CACHE_DIR) -> Path:
     if is_hub_id(spec):
         from huggingface_hub import snapshot_download  # comes with datasets
         try:
+            # safetensors only: no pickled .bin weights (STYLE), and no ONNX or GGUF copies
             return Path(snapshot_download(spec, allow_patterns=[
                 "*.json", "*.safetensors", "tokenizer*", "*.txt"]))
         except Exception as e:  # the hub client raises many types: offline, 404, auth
@@ -59,6 +64,8 @@ def check_base(base_dir: Path, seq_len: int):
         raise FileNotFoundError(f"base model folder {base_dir} lacks config.json or "
                                 "tokenizer.json; pass a Hugging Face model folder or hub id")
     tok = read_json(base_dir / "tokenizer.json", "replace the base model's folder")
+    # Byte-level, so every new token splits into base pieces (EEVE averages their rows) and the
+    # merge can append BPE merges; EOS, because SmolLM2 adds no BOS and packing joins on it.
     if (tok["model"].get("type") != "BPE" or "ByteLevel" not in json.dumps(tok["pre_tokenizer"])
             or EOS_TOKEN not in full_vocab(tok)):
         raise ValueError(f"the base tokenizer in {base_dir} is not a byte-level BPE with "
@@ -66,26 +73,33 @@ def check_base(base_dir: Path, seq_len: int):
                          "the tokenizer merge and the packing need; use a SmolLM/SmolLM2 base")
     max_pos = read_json(base_dir / "config.json", "replace the base model's folder").get(
         "max_position_embeddings", seq_len)
-    if seq_len > max_pos:
+    if seq_len > max_pos:  # past them RoPE meets angles the base never trained on
         raise ValueError(f"seq_len={seq_len} exceeds the base model's {max_pos} positions; "
                          f"use seq_len<={max_pos}")
 
 
 def check_merged_tokenizer(base_dir: Path, base_tok, n_rows: int, tok_dir: Path, emap: dict):
     """The base's tokenizer fits its model, and the merged tokenizer was built on this base."""
+    # a model may have more rows than its tokenizer has tokens (padding), never fewer
     if base_tok.get_vocab_size() > n_rows:
         raise ValueError(f"{base_dir}: tokenizer.json has {base_tok.get_vocab_size()} tokens but "
                          f"the model only {n_rows} rows; they do not belong together")
+    # EEVE pieces are base ids: on another base the new rows would be means of unrelated rows,
+    # and nothing downstream would fail, so the vocabulary's fingerprint is compared here
     if (emap["base_vocab_size"] != n_rows or emap["base_fingerprint"] !=
             fingerprint(json.loads(base_tok.to_str()))):
         raise ValueError(f"the merged tokenizer in {tok_dir} was built on another base than "
                          f"{base_dir}; delete {tok_dir} (or use a new out_dir) to rebuild it")
 
 
+# ----------------------------------------------------------------------------------------------
+# Data sources and the hub
+
 HUB_TIMEOUT_S = 5  # one request per source, no retries: an offline machine answers at once
 
 
 def is_hub_id(spec: str) -> bool:
+    """owner/name that is no local path: a folder or file of that name wins over the hub."""
     return spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and \
         not Path(spec).expanduser().exists() and not spec.endswith(".gguf")
 
@@ -95,9 +109,10 @@ def check_hub(sources: dict):
     HUB_TIMEOUT_S, or one sentence names the first that does not and the offline way out.
     Skipped with HF_HUB_OFFLINE=1 (a cached base model is then used as it is)."""
     urls = {}
+    # HF_ENDPOINT is huggingface_hub's own variable for a mirror: ask where downloads will go
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
     for flag, spec in sources.items():
-        if spec.startswith("hf:"):
+        if spec.startswith("hf:"):  # hf:NAME:CONFIG:SPLIT#FIELD: only NAME is a repository
             urls[flag] = (spec, f"{endpoint}/api/datasets/{spec[3:].split(':')[0].split('#')[0]}")
         elif flag == "base" and is_hub_id(spec):
             urls[flag] = (spec, f"{endpoint}/api/models/{spec}")
@@ -105,7 +120,8 @@ def check_hub(sources: dict):
         return
 
     def reach(url: str) -> str:
-        try:
+        """'' when url answers, else the reason in a few words."""
+        try:  # HEAD: the API answers whether the repository exists without sending it
             urllib.request.urlopen(urllib.request.Request(url, method="HEAD"),
                                    timeout=HUB_TIMEOUT_S).close()
             return ""
@@ -113,6 +129,7 @@ def check_hub(sources: dict):
             return f"HTTP {e.code}" if e.code != 401 else "HTTP 401: gated or private, log in"
         except (urllib.error.URLError, OSError) as e:  # no network, DNS, refused, timed out
             return str(getattr(e, "reason", e))
+    # in parallel: five unreachable sources cost one timeout, not five
     with ThreadPoolExecutor(len(urls)) as pool:
         answers = dict(zip(urls, pool.map(reach, [url for _, url in urls.values()])))
     for flag, problem in answers.items():
@@ -131,6 +148,8 @@ def check_sources(cfg, corpora: list):
         specs |= {corpus.train_flag: corpus.train, corpus.held_out_flag: corpus.held_out}
     specs["tokenizer_data"] = cfg.tokenizer_data
     check_hub(specs)
+    # Only each file's first bytes (readers.check_readable): UTF-16, a wrong JSON key or a
+    # missing file fails in seconds, before any stage has read a corpus or written a file.
     for flag, spec in specs.items():
         if flag != "base" and spec and not spec.startswith("hf:"):
             src = Source(flag, spec, cfg.text_field)

@@ -7,7 +7,8 @@ block runs on the CPU at two sequence lengths under the training dtype, and the 
 saves per extra token are scaled to the real batch. With checkpointing a block keeps only its
 fp32 input, and one block at a time is recomputed during backward. Under DDP the gradients are
 the communication buckets themselves (gradient_as_bucket_view=True), so buckets cost nothing.
-The sum gets a stated 10% margin for the caching allocator.
+The sum gets a stated 10% margin for the caching allocator. The plan is an estimate until
+`python bench.py --recipe` on a GPU measures the step against it (README: not yet on a T4).
 """
 import argparse
 import dataclasses
@@ -27,11 +28,14 @@ from tokenizer import REFERENCE_NEW_TOKENS
 
 GIB = 2**30
 # torch.cuda.get_device_properties().total_memory of a 16 GB T4: 15,835,398,144 bytes
-T4_GIB = 14.75
+T4_GIB = 14.75  # that byte count in GiB (16 decimal GB would already be only 14.9 GiB)
 SEED_VOCAB = MODEL_PRESETS["smollm2-135m"].vocab_size + REFERENCE_NEW_TOKENS  # 58,133
 CUDA_CONTEXT_GIB = 0.5  # driver and kernels, outside PyTorch's allocator (~0.3-0.5 GiB on a T4)
 MARGIN = 1.10  # the stated margin for the caching allocator's reserve, on top of the tensors
 
+
+# ----------------------------------------------------------------------------------------------
+# Measuring one block, summing the parts
 
 def saved_bytes_per_token(cfg: ModelConfig, dtype) -> float:
     """Bytes autograd keeps per token for one decoder block, measured at T=32 and T=64."""
@@ -40,21 +44,28 @@ def saved_bytes_per_token(cfg: ModelConfig, dtype) -> float:
 
 @functools.lru_cache
 def _saved_bytes(dim: int, n_heads: int, n_kv_heads: int, ffn_dim: int, dtype) -> float:
+    """saved_bytes_per_token on plain numbers: lru_cache needs hashable arguments, and
+    largest_micro_batch asks again for every candidate micro-batch."""
     small = ModelConfig(dim=dim, n_heads=n_heads, n_kv_heads=n_kv_heads, ffn_dim=ffn_dim,
                         n_layers=1, max_seq_len=64)
     torch.manual_seed(0)
     block, cos, sin = Block(small, 0), *rope_tables(small)
+    # weights are counted once under "weights", not as activations the block saved
     params = {p.untyped_storage().data_ptr() for p in block.parameters()}
 
     def saved(T: int) -> int:
         storages = {}
 
+        # the hook sees exactly what autograd keeps for backward; keyed by storage, so several
+        # views of one tensor count once
         def pack(t):
             ptr = t.untyped_storage().data_ptr()
             if ptr not in params:
                 storages[ptr] = t.untyped_storage().nbytes()
             return t
         x = torch.randn(1, T, dim, requires_grad=True)
+        # the training dtype decides what is saved: half-size activations, plus fp32 ones
+        # where model.py keeps the residual stream and the MLP product in fp32
         amp = torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), amp:
             block(x, cos[:T], sin[:T])
@@ -66,6 +77,7 @@ def memory_plan(cfg: ModelConfig, seq_len: int, micro_batch: int, checkpointing:
                 dtype=torch.float16) -> dict:
     """GiB per GPU for each part of a Phase 1B step (every parameter trains); 'total' includes
     allocator slack."""
+    # blocks, the embedding (once when tied: SmolLM2 ties it to the LM head), the final norm
     n_params = (sum(p.numel() for p in Block(cfg, 0).parameters()) * cfg.n_layers
                 + cfg.padded_vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2) + cfg.dim)
     tokens = micro_batch * seq_len
@@ -75,12 +87,13 @@ def memory_plan(cfg: ModelConfig, seq_len: int, micro_batch: int, checkpointing:
     else:
         activations = cfg.n_layers * per_block
     half, vocab_rows = (2 if dtype != torch.float32 else 0), cfg.padded_vocab_size
+    # the chunked loss never holds more than one chunk of logits (128 MiB of fp32, loss.py)
     rows = min(tokens, loss_chunk_rows(vocab_rows))
     parts = {
         "weights (fp32 master)": 4 * n_params,
         "weights (autocast copies)": half * n_params,  # cached for the step, the head's too
         "gradients (fp32)": 4 * n_params,
-        "AdamW moments (fp32)": 8 * n_params,
+        "AdamW moments (fp32)": 8 * n_params,  # exp_avg and exp_avg_sq, 4 bytes each
         "activations": activations,
         "backward working set": per_block,  # gradients of one block's activations at a time
         # one chunk of logits in fp16 and fp32, its softmax, and dh, dW kept for backward
@@ -90,13 +103,15 @@ def memory_plan(cfg: ModelConfig, seq_len: int, micro_batch: int, checkpointing:
         "embedding gradients": 2 * 4 * vocab_rows * cfg.dim,
     }
     plan = {k: v / GIB for k, v in parts.items()}
+    # DDP adds nothing: gradient_as_bucket_view=True makes the gradients its buckets
     plan["total"] = sum(plan.values()) * MARGIN
     return plan
 
 
 def largest_micro_batch(cfg: ModelConfig, seq_len: int, checkpointing: bool, gpu_gib: float,
                         dtype=torch.float16, limit: int = 64) -> int:
-    """The largest micro-batch dividing `limit` whose plan fits gpu_gib (0: not even 1 fits)."""
+    """The largest micro-batch dividing `limit` whose plan fits gpu_gib (0: not even 1 fits).
+    A divisor, so that the accumulation steps are a whole number and batch_tokens is kept."""
     fits = [mb for mb in range(1, limit + 1) if limit % mb == 0 and memory_plan(
         cfg, seq_len, micro_batch=mb, checkpointing=checkpointing, dtype=dtype)["total"]
         <= gpu_gib - CUDA_CONTEXT_GIB]
@@ -104,6 +119,7 @@ def largest_micro_batch(cfg: ModelConfig, seq_len: int, checkpointing: bool, gpu
 
 
 def format_plan(plan: dict, gpu_gib: float, micro_batch: int, best: int, where: str) -> str:
+    """The plan as printed before training: a line per part, then the verdict."""
     lines = [f"memory plan per GPU at micro_batch={micro_batch}:"]
     lines += [f"  {k:<28}{v:>7.2f} GiB" for k, v in plan.items() if k != "total"]
     usable = gpu_gib - CUDA_CONTEXT_GIB
@@ -113,7 +129,11 @@ def format_plan(plan: dict, gpu_gib: float, micro_batch: int, best: int, where: 
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------------------------
+# The plan for a run
+
 def compile_warning(capability: tuple) -> str:
+    """Why compile=true is risky on a GPU older than sm_80, such as the T4 (sm_75)."""
     return (f"compile=true on a GPU of compute capability {capability[0]}.{capability[1]} (a T4 "
             "is 7.5): recent Triton supports only 8.0 and later well, so compiling may fail or "
             "run slower; compile=false is the safe choice there")
@@ -125,6 +145,7 @@ def plan_for_run(cfg, env, model_dir: Path, dtype) -> int:
     cannot fit. dtype is the autocast dtype (None: fp32)."""
     hint = f"delete {model_dir} to redo that stage"
     model_cfg = config_from_hf(read_json(model_dir / "config.json", hint))
+    # config.json holds the true vocabulary; the padding to 64 rows is the run's setting
     model_cfg = dataclasses.replace(model_cfg, pad_vocab_to=cfg.pad_vocab_to)
     on_gpu = env.device.type == "cuda"
     gpu_gib = cfg.gpu_gib or (torch.cuda.get_device_properties(env.device).total_memory / GIB
@@ -134,7 +155,7 @@ def plan_for_run(cfg, env, model_dir: Path, dtype) -> int:
     best = largest_micro_batch(model_cfg, cfg.seq_len, checkpointing=cfg.grad_checkpointing,
                                gpu_gib=gpu_gib, dtype=dtype,
                                limit=sequences_per_rank(cfg, env.world_size))
-    micro_batch = cfg.micro_batch or max(best, 1)
+    micro_batch = cfg.micro_batch or max(best, 1)  # 1 when none fits: the plan then says why
     need = memory_plan(model_cfg, cfg.seq_len, micro_batch=micro_batch,
                        checkpointing=cfg.grad_checkpointing, dtype=dtype)
     where = str(env.device) if on_gpu else f"a {gpu_gib:g} GiB GPU such as a T4"
@@ -143,12 +164,16 @@ def plan_for_run(cfg, env, model_dir: Path, dtype) -> int:
     if on_gpu and cfg.compile and torch.cuda.get_device_capability(env.device) < (8, 0):
         warn(compile_warning(torch.cuda.get_device_capability(env.device)))
     usable = gpu_gib - CUDA_CONTEXT_GIB
+    # only a GPU refuses: a CPU run is a rehearsal, and its plan is advice for the T4
     if on_gpu and need["total"] > usable:
         raise ValueError(f"micro_batch={micro_batch} needs about {need['total']:.1f} GiB per GPU, "
                          f"more than the {usable:.1f} GiB usable here; use micro_batch={best} "
                          "(0 picks it) or grad_checkpointing=true")
     return micro_batch
 
+
+# ----------------------------------------------------------------------------------------------
+# The command line: the plan for any setting, without a model folder
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])

@@ -7,6 +7,7 @@ last and is skipped once that exists, so a killed run redoes at most the stage i
 
 builds a merged tokenizer alone and prints how it compresses held-out text: a quick look at
 what a new language's rule (tokenizer.SCRIPTS) and its corpus give before a whole run.
+EEVE init: Kim et al. 2024, arXiv:2402.14714.
 """
 import argparse
 import sys
@@ -25,9 +26,15 @@ from inputs import OFFLINE_BASE, check_base, check_merged_tokenizer, resolve_bas
 from model import expand_vocab
 
 
+# ----------------------------------------------------------------------------------------------
+# The held-out texts and the BPE's training text
+
 def eval_sets(corpora: list, eval_bytes: int, text_field: str, is_master: bool = True) -> dict:
     """The held-out texts per language (corpora: bori.sources(cfg)): the first eval_bytes of
     each corpus's held-out source."""
+    # The first documents, the same on every run and rank: a fixed set, so a resumed run and
+    # the base line are scored on identical text. Where training reads the same source (English
+    # defaults to the replay's fineweb-edu), data.training_source skips exactly these documents.
     evals = {}
     for corpus in corpora:
         with about(corpus.held_out_flag):
@@ -46,9 +53,12 @@ def bpe_training_text(run):
     path = cfg.tokenizer_data or new_language.train
     with about("tokenizer_data" if cfg.tokenizer_data else new_language.train_flag):
         for text in data.iter_texts([path], cfg.text_field, progress=True):
+            # reading 100 MB from the hub takes a while: a SIGTERM stops it here, not after
             run.check_stop("the tokenizer was trained")
             raw = text.encode("utf-8")
             if cfg.tokenizer_bytes and total + len(raw) >= cfg.tokenizer_bytes:  # cut the last
+                # the limit holds inside one huge document too; a character the cut splits
+                # is dropped rather than decoded as U+FFFD
                 yield raw[:cfg.tokenizer_bytes - total].decode("utf-8", errors="ignore")
                 return
             yield text
@@ -58,6 +68,9 @@ def bpe_training_text(run):
                          "tokenizer_data) at text of the new language")
 
 
+# ----------------------------------------------------------------------------------------------
+# The two stages before training (rank 0; each skipped once its DONE.json exists)
+
 def stage_tokenizer(run, base_dir: Path):
     """out_dir/tokenizer: the merged tokenizer, its EEVE map, and how it compresses held-out
     text against the base and the standalone BPE (report.json)."""
@@ -65,16 +78,18 @@ def stage_tokenizer(run, base_dir: Path):
     if (tok_dir / "DONE.json").is_file():
         read_done(tok_dir)  # its files are still what it wrote
         return
+    # whole or not at all: a kill or a full disk mid-stage leaves no half tokenizer to trust
     with disk_errors(tok_dir), atomic_dir(tok_dir) as tmp:
         done = tokenizer.build(base_dir, tmp, bpe_training_text(run), n_new=run.cfg.new_tokens,
                                script=run.cfg.unicode_script)
+        # measured on the held-out texts, never the BPE's own training text
         report = tokenizer_report(base_dir, tmp, run.evals)
         print_tokenizer_report(report)
         print(f"merged {done['new_tokens']:,} tokens; the rule: {done['rule']}; "
               "the standalone BPE's tokens turned away: "
               + ", ".join(f"{n:,} {why}" for why, n in done["rejected"].items()), flush=True)
         write_json(tmp / "report.json", report)
-        write_done(tmp, {**done, **report})
+        write_done(tmp, {**done, **report})  # last: DONE.json is the stage's proof it finished
 
 
 def stage_init(run, base_dir: Path):
@@ -90,13 +105,19 @@ def stage_init(run, base_dir: Path):
     emap = read_json(tok_dir / "eeve_map.json", f"delete {tok_dir} to rebuild it")
     check_merged_tokenizer(base_dir, base_tok, n_rows=base.cfg.vocab_size, tok_dir=tok_dir,
                            emap=emap)
+    # The reference line: the base model with its own tokenizer, before any row is added.
+    # Bits per byte compare across tokenizers (0.53 vs 3 Korean characters per token), so every
+    # later score is read against this one. A rerun after a kill here logs it only once.
     run.metrics.truncate_after("base", 0)
     headroom = []
     scores = evaluate(base, base_tok, run.evals, seq_len=cfg.seq_len, device=run.env.device,
                       ctx=run.ctx, headroom=headroom)
+    # fp16_peak: each layer's largest activation over fp16's 65,504, the base's own headroom
     run.metrics.log(kind="eval", phase="base", step=0, **scores,
                     fp16_peak=[round(p, 4) for p in headroom])
     print("base model: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()), flush=True)
+    # each new row: the mean of its base pieces' rows (EEVE); with SmolLM2's tied head it is
+    # the token's output row as well
     expand_vocab(base, emap["pieces"], cfg.init, cfg.seed)
     export_folder(base, tok_dir, init_dir)
     write_done(init_dir, {"base_bpb": scores, "n_old_rows": emap["base_vocab_size"],
@@ -110,6 +131,9 @@ def prepare_model(run):
     stage_tokenizer(run, base_dir)
     stage_init(run, base_dir)
 
+
+# ----------------------------------------------------------------------------------------------
+# The tokenizer stage alone, from the command line
 
 def main(argv=None):
     """The tokenizer stage alone, on the bundled corpus or given files."""
@@ -129,6 +153,7 @@ def main(argv=None):
         base_dir = resolve_base(args.base)
         train = data.iter_texts(args.train or [data.BUNDLED[f"{args.lang}_train"]], progress=True)
         done = tokenizer.build(base_dir, args.out, train, n_new=args.new_tokens, script=script)
+        # English is always scored: the merge must leave its tokenization exactly as it was
         evals = {args.lang: list(data.iter_texts(args.eval or
                                                  [data.BUNDLED[f"{args.lang}_eval"]])),
                  "en": list(data.iter_texts([data.BUNDLED["en_eval"]]))}
