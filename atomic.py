@@ -4,6 +4,8 @@ Everything is written under `NAME.tmp`, flushed to disk (fsync), then renamed: a
 one file system is atomic, so a run killed at any moment leaves the old version or the new one.
 A manifest (the sha256 of every file in a folder) catches what a rename cannot: a file cut
 short or changed afterwards, by a full disk, a bad copy or a flipped bit.
+
+    with atomic_dir(run / "init") as tmp: save_pretrained(model, tmp)   # whole, or absent
 """
 import errno
 import fcntl
@@ -15,7 +17,7 @@ import socket
 from contextlib import contextmanager
 from pathlib import Path
 
-MANIFEST = "manifest.json"
+MANIFEST = "manifest.json"  # never in its own digest; a checkpoint writes it last, as its proof
 
 
 def fsync_dir(path: Path, files: bool = False):
@@ -24,12 +26,15 @@ def fsync_dir(path: Path, files: bool = False):
         if f.is_file():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+    # A rename changes the folder, not the file: only an fsync of the folder makes it survive a
+    # power cut (POSIX fsync(2) on a directory descriptor).
     fd = os.open(path, os.O_RDONLY)
     os.fsync(fd)
     os.close(fd)
 
 
 def tmp_path(dest: Path) -> Path:
+    """dest's NAME.tmp sibling: in the same folder, hence the same file system, so renames work."""
     return dest.with_name(dest.name + ".tmp")
 
 
@@ -41,20 +46,22 @@ def atomic_file(dest: Path):
     tmp = tmp_path(dest)
     try:
         yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-    except BaseException:
+        with open(tmp, "rb+") as f:  # data on disk before the rename, else a crash can leave
+            os.fsync(f.fileno())  # dest renamed but empty
+    except BaseException:  # Ctrl-C and SystemExit too: no NAME.tmp is left behind
         tmp.unlink(missing_ok=True)
         raise
-    os.replace(tmp, dest)
+    os.replace(tmp, dest)  # atomic: a reader sees the old dest or the new one, never a mix
 
 
 def write_text(dest: Path, text: str):
+    """Replace dest's content with text, atomically."""
     with atomic_file(dest) as tmp:
         tmp.write_text(text)
 
 
 def write_json(dest: Path, obj):
+    """obj as indented JSON, atomically; Korean text stays readable (ensure_ascii=False)."""
     write_text(dest, json.dumps(obj, indent=2, ensure_ascii=False))
 
 
@@ -69,6 +76,8 @@ def fresh_dir(dest: Path) -> Path:
 def commit_dir(tmp: Path, dest: Path):
     """Flush tmp's files, then put it in dest's place (an old dest is removed first)."""
     fsync_dir(tmp, files=True)
+    # rename(2) cannot replace a non-empty folder: a kill between these two lines leaves no dest,
+    # and the caller redoes the work rather than reading half of it
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
     fsync_dir(dest.parent)
@@ -80,6 +89,7 @@ def atomic_dir(dest: Path, shared: bool = False):
     and is removed if it raises. shared: other processes may build the same dest at once (a
     cache); each builds its own, and the first to finish wins."""
     dest = Path(dest)
+    # shared: a folder per process (NAME.PID.tmp), so two builders never write into one
     tmp = fresh_dir(dest.with_name(f"{dest.name}.{os.getpid()}") if shared else dest)
     try:
         yield tmp
@@ -90,7 +100,7 @@ def atomic_dir(dest: Path, shared: bool = False):
         commit_dir(tmp, dest)
         return
     fsync_dir(tmp, files=True)
-    try:
+    try:  # no rmtree of dest here: another process may be reading the finished one
         tmp.rename(dest)
     except OSError:  # another process finished first: theirs stands
         shutil.rmtree(tmp, ignore_errors=True)
@@ -100,9 +110,9 @@ def atomic_dir(dest: Path, shared: bool = False):
 def lock_dir(folder: Path):
     """Hold folder/.lock for the block: an advisory lock that the OS drops when this process
     ends, however it ends. A second holder is refused with one sentence naming the first."""
-    f = open(Path(folder) / ".lock", "a+")
+    f = open(Path(folder) / ".lock", "a+")  # "a+": no truncation before the lock is ours
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # NB: refuse now, not wait for hours
     except BlockingIOError:
         f.seek(0)
         holder = f.read().strip() or "another process"
@@ -110,13 +120,13 @@ def lock_dir(folder: Path):
         raise ValueError(f"{folder} is in use by another bori run ({holder}); wait for it to "
                          "end or stop it, or use another out_dir") from None
     f.seek(0)
-    f.truncate()
+    f.truncate()  # the lock is ours: the last holder's line goes
     f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-    f.flush()
+    f.flush()  # a second run reads this line to name us
     try:
         yield
     finally:
-        f.close()
+        f.close()  # releases the lock; the stale line is harmless, the next holder rewrites it
 
 
 def read_json(path: Path, hint: str):
@@ -149,6 +159,7 @@ def disk_errors(what):
 
 
 def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks: a ~0.5 GB fp32 model is never held whole."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(2**20), b""):
@@ -168,7 +179,7 @@ def damage(folder: Path, files: dict) -> str:
         path = folder / name
         if not path.is_file():
             return f"{name} is missing"
-        if path.stat().st_size != want["bytes"]:
+        if path.stat().st_size != want["bytes"]:  # a cut file is named without hashing it
             return f"{name} has {path.stat().st_size:,} bytes, not {want['bytes']:,}"
         if sha256_file(path) != want["sha256"]:
             return f"{name} differs from what was written (checksum)"

@@ -22,6 +22,7 @@ from hf_io import save_pretrained
 
 
 def rng_state(device) -> dict:
+    """The RNG states a bit-exact resume needs: torch's, Python's and this GPU's."""
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
@@ -29,6 +30,7 @@ def rng_state(device) -> dict:
 
 
 def set_rng_state(state: dict, device):
+    """Restore rng_state(); a GPU's state is left out when the run resumes on a CPU."""
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     if "cuda" in state and device.type == "cuda":
@@ -41,16 +43,19 @@ def save_checkpoint(phase_dir: Path, raw_model, optimizer, scaler, trainer: dict
     0; data_state (this rank's mixture at that step) and RNG state from every rank."""
     final = phase_dir / f"ckpt-{trainer['step']:06d}"
     tmp = tmp_path(final)
-    if (final / MANIFEST).is_file():  # this step is saved already
+    if (final / MANIFEST).is_file():  # saved already (a SIGTERM just after a periodic save)
         return
     if rank == 0:
         fresh_dir(final)
-    barrier()
+    barrier()  # no rank writes into the .tmp folder before rank 0 has cleared a stale one
     try:
+        # every rank: each reads its own share of the data (split_dataset_by_node)
         torch.save({"data": data_state, "rng": rng_state(device)}, tmp / f"rank{rank}.pt")
         if rank == 0:
-            save_pretrained(raw_model, tmp)
+            save_pretrained(raw_model, tmp)  # raw: no "module." or "_orig_mod." in the keys
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            # GradScaler's scale and growth count: without them a resume restarts at 2**16 and
+            # skips steps on overflow while it backs off, and no longer matches the unbroken run
             torch.save({**trainer, "scaler": scaler.state_dict()}, tmp / "trainer.pt")
         barrier()
         if rank == 0:  # last, once every rank's file is there: the proof of a whole checkpoint
@@ -65,9 +70,10 @@ def save_checkpoint(phase_dir: Path, raw_model, optimizer, scaler, trainer: dict
     barrier()
     if rank == 0:
         commit_dir(tmp, final)
+        # only now, with the new one whole; zero-padded names make string order step order
         for old in sorted(phase_dir.glob("ckpt-??????"))[:-keep]:
             shutil.rmtree(old)
-    barrier()
+    barrier()  # no rank trains on while the checkpoint could still be missing
 
 
 def latest_checkpoint(phase_dir: Path):
@@ -110,6 +116,7 @@ def set_aside_damaged(phase_dir: Path):
 def load_checkpoint(ckpt: Path, optimizer, scaler, mixture, rank: int, device) -> dict:
     """Restore everything but the weights (loaded with the model) onto this rank's device;
     returns the trainer counters (step among them)."""
+    # weights_only=True: unpickling runs no code from a checkpoint someone handed over
     state = torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True)
     optimizer.load_state_dict(state)
     trainer = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=True)
@@ -132,6 +139,7 @@ def take_over_streams(mixture, last_phase_dir: Path, rank: int) -> int:
                                 f"restore it, or delete {last_phase_dir} to redo that phase "
                                 "(else its text would be read twice)")
     streams = torch.load(handover, map_location="cpu", weights_only=True)["streams"]
+    # Phase 1A reads only the new language: English starts from its beginning in Phase 1B
     for name in streams.keys() & mixture.streams.keys():
         mixture.streams[name].load_state_dict(streams[name])
     return read_done(last_phase_dir).get("bad_steps", 0)
@@ -141,7 +149,7 @@ def export_folder(raw_model, tok_dir: Path, dest: Path):
     """A Hugging Face folder: weights, config, generation config, tokenizer (atomic)."""
     with disk_errors(dest), atomic_dir(dest) as tmp:
         save_pretrained(raw_model, tmp)
-        for name in ("tokenizer.json", "tokenizer_config.json"):
+        for name in ("tokenizer.json", "tokenizer_config.json"):  # what AutoTokenizer reads
             if (tok_dir / name).is_file():
                 shutil.copy(tok_dir / name, tmp / name)
 
@@ -152,7 +160,7 @@ def export_folder(raw_model, tok_dir: Path, dest: Path):
 def write_done(folder: Path, record: dict):
     """DONE.json, written last: record plus the digest of every file of the stage."""
     files = {k: v for k, v in folder_digest(folder).items()
-             if k != "DONE.json" and not k.startswith("ckpt-")}
+             if k != "DONE.json" and not k.startswith("ckpt-")}  # deleted right after this file
     with disk_errors(folder / "DONE.json"):
         write_json(folder / "DONE.json", {**record, "files": files})
 
@@ -164,8 +172,8 @@ def prune_stage(folder: Path, names: list):
         return
     done = read_json(folder / "DONE.json", f"delete {folder}")
     for name in names:
-        shutil.rmtree(folder / name, ignore_errors=True)
-        (folder / name).unlink(missing_ok=True)
+        shutil.rmtree(folder / name, ignore_errors=True)  # a folder (a phase's model/)
+        (folder / name).unlink(missing_ok=True)  # or a file (init's model.safetensors)
     files = {k: v for k, v in done.get("files", {}).items()
              if not any(k == n or k.startswith(n + "/") for n in names)}
     with disk_errors(folder / "DONE.json"):

@@ -49,6 +49,7 @@ BUNDLED = {f"{lang}_{part}": str(ROOT / "data" / f"{lang}_{part}.jsonl")
 
 
 def language_name(code: str) -> str:
+    """'ko' -> 'Korean', 'en' -> 'English', for messages and the model card; else the code."""
     return LANGUAGES[code].name if code in LANGUAGES else "English" if code == "en" else code
 
 
@@ -68,6 +69,7 @@ class Corpus:
 
 @dataclass
 class Source:
+    """One stream of documents as the mixture reads it."""
     name: str
     path: str  # "hf:dataset[:config[:split]]", or a local file, folder or glob; "#KEY" at the
     text_field: str = "text"  # end of path names the text's JSON key instead of this
@@ -75,7 +77,7 @@ class Source:
     flag: str = ""  # the option that names it, for messages
 
     def __post_init__(self):
-        if "#" in self.path and not Path(self.path).exists():
+        if "#" in self.path and not Path(self.path).exists():  # a file named a#b stays a file
             self.path, self.text_field = self.path.rsplit("#", 1)
 
 
@@ -96,7 +98,7 @@ def parse_weights(spec: str) -> dict:
         raise ValueError(f"mixture {spec!r}: every source needs a weight > 0 "
                          f"({', '.join(bad) or 'none given'}); drop a source to leave it out")
     total = sum(weights.values())
-    return {n: w / total for n, w in weights.items()}
+    return {n: w / total for n, w in weights.items()}  # so "ko=9,en=1" means the same
 
 # ----------------------------------------------------------------------------------------------
 # Reading documents
@@ -106,15 +108,17 @@ def open_source(src: Source, rank: int = 0, world_size: int = 1):
     """A datasets.IterableDataset of documents for this rank's share of them."""
     if src.path.startswith("hf:"):
         name, config, split = (src.path[3:].split(":") + ["", ""])[:3]
+        # streaming: only what is read is downloaded (fineweb-2's Korean alone is many GB)
         ds = load_dataset(name, config or None, split=split or "train", streaming=True)
     else:
         files = local_files(src.path)
         if file_kind(files[0]) == ".parquet":
             ds = load_dataset("parquet", data_files=files, split="train", streaming=True)
-        else:
+        else:  # readers.py: blank-line documents, long ones in pieces, bad bytes counted
             ds = IterableDataset.from_generator(
                 read_local, gen_kwargs={"files": files, "text_field": src.text_field})
-    ds = ds.skip(src.skip) if src.skip else ds
+    ds = ds.skip(src.skip) if src.skip else ds  # before the split: the same held-out examples
+    # whole shards per rank when their count divides world_size, else every world_size-th example
     return split_dataset_by_node(ds, rank, world_size) if world_size > 1 else ds
 
 
@@ -192,6 +196,8 @@ class PackedStream:
         return out
 
     def _refill(self):
+        """Read about batch_docs documents (batch_chars characters), tokenize them in one call,
+        and append their ids to the buffer, each document followed by EOS."""
         texts, size, restarted = [], 0, False
         if self.iterator is None:
             self.iterator, self.restored = iter(self.ds), None
@@ -201,7 +207,7 @@ class PackedStream:
             except StopIteration:
                 if texts:
                     break
-                if restarted or self.docs == 0:
+                if restarted or self.docs == 0:  # going round again would loop forever
                     raise ValueError(f"source {self.src.name} ({self.src.path}) has no text for "
                                      "this rank; give it more documents or use fewer ranks")
                 self.epoch, restarted = self.epoch + 1, True  # a small corpus: go round again
@@ -220,7 +226,7 @@ class PackedStream:
             if text:  # EOS after a document's last piece
                 texts.append((text, example.get("doc_end", True)))
                 size += len(text)
-        self.docs += sum(end for _, end in texts)
+        self.docs += sum(end for _, end in texts)  # whole documents: their last pieces
         # encode_batch_fast computes no offsets: ~30% quicker
         encode = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
         encodings = encode([text for text, _ in texts], add_special_tokens=False)
@@ -233,6 +239,7 @@ class PackedStream:
         # A restored datasets.IterableDataset reports its start, not the restored position,
         # until it is iterated again: so until this stream reads, the restored one stands.
         dataset = self.ds.state_dict() if self.restored is None else self.restored
+        # the buffer: tokens read but not yet given out, which a resume must give out first
         return {"dataset": dataset, "epoch": self.epoch, "buffer": list(self.buffer),
                 "docs": self.docs, "bad_bytes": self.bad_bytes}
 
@@ -261,12 +268,13 @@ class Mixture:
 
     def pick(self) -> str:
         """The source of the next block: a pure function of (seed, rank, block index)."""
+        # no generator state to save: a resume needs only the block count
         u = random.Random(f"{self.seed}-{self.rank}-{self.blocks}").random()
         for name, w in self.weights.items():
             u -= w
             if u < 0:
                 return name
-        return name
+        return name  # u left >= 0 by float rounding alone: the last source
 
     def next_batch(self):
         """(inputs, targets), each a (batch_size, seq_len) int64 tensor."""
@@ -277,7 +285,7 @@ class Mixture:
             self.counts[name] += 1
             self.blocks += 1
         block = torch.tensor(rows, dtype=torch.long)
-        return block[:, :-1], block[:, 1:]
+        return block[:, :-1], block[:, 1:]  # seq_len + 1 tokens: seq_len shifted targets
 
     def realised(self) -> dict:
         """The share of blocks each source has given so far."""

@@ -20,13 +20,15 @@ from errors import PeerStopped, TrainingStopped
 
 @dataclass
 class DistEnv:
+    """This process's place among the ranks, and the device it computes on."""
     rank: int = 0
-    local_rank: int = 0
+    local_rank: int = 0  # the GPU index on this machine; rank counts across machines
     world_size: int = 1
     device: torch.device = torch.device("cpu")
 
     @property
     def is_master(self) -> bool:
+        """Rank 0: the one rank that prints, builds shared files and writes the weights."""
         return self.rank == 0
 
 
@@ -44,8 +46,8 @@ def setup_distributed(device: str = "auto") -> DistEnv:
         raise ValueError("device=cuda but no CUDA GPU is visible; use device=cpu")
     env = launched()
     env.device = torch.device(f"cuda:{env.local_rank}" if use_cuda else "cpu")
-    if use_cuda:
-        torch.cuda.set_device(env.device)
+    if use_cuda:  # before the process group: NCCL binds a rank to the current device, and
+        torch.cuda.set_device(env.device)  # without this every rank would land on cuda:0
     if env.world_size > 1:  # an hour: rank 0 alone builds the tokenizer while the others wait
         dist.init_process_group("nccl" if use_cuda else "gloo",
                                 timeout=datetime.timedelta(minutes=60))
@@ -53,17 +55,20 @@ def setup_distributed(device: str = "auto") -> DistEnv:
 
 
 def print0(env: DistEnv, *args):
+    """print on rank 0 only, flushed: torchrun pipes stdout, which Python then buffers."""
     if env.is_master:
         print(*args, flush=True)
 
 
 def barrier():
+    """Wait until every rank is here (nothing to wait for in one process)."""
     if dist.is_initialized():
         dist.barrier()
 
 
 def all_sum(values: list, device) -> list:
     """Element-wise sum over ranks (float64), or the values themselves in one process."""
+    # float64: a loss summed over thousands of tokens keeps its low digits through the reduce
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_initialized():
         dist.all_reduce(t)
@@ -78,6 +83,7 @@ def stop_on_signals() -> threading.Event:
     def handler(signum, frame):
         if signum == signal.SIGINT and stop.is_set():
             raise KeyboardInterrupt
+        # torchrun passes the signal to every rank: one line, from rank 0 (no env here)
         if not stop.is_set() and launched().is_master:
             print(f"\n{signal.Signals(signum).name}: stopping at the next step boundary, with a "
                   "checkpoint (Ctrl-C again stops at once)", file=sys.stderr, flush=True)
@@ -96,6 +102,8 @@ def on_master(env: DistEnv, work, *args):
             work(*args)
         except Exception as e:  # handed on below, on every rank
             error = e
+    # A collective every rank reaches: the others learn now that rank 0 failed, rather than
+    # after the next barrier's 60-minute timeout. 2: interrupted, so they stop as interrupted.
     code = all_sum([0.0 if error is None else 2.0 if isinstance(error, TrainingStopped)
                     else 1.0], env.device)[0]
     if error is not None:
@@ -109,13 +117,13 @@ def autocast(dtype: str, device: torch.device):
     float32; auto is float16 on CUDA and float32 on a CPU. bf16 only when asked: a T4 emulates
     it (slowly) though torch.cuda.is_bf16_supported() says True."""
     name = dtype if dtype != "auto" else "float16" if device.type == "cuda" else "float32"
-    if name == "float32":
+    if name == "float32":  # None also tells the caller that GradScaler stays off
         return nullcontext(), None
     return torch.autocast(device.type, dtype=getattr(torch, name)), getattr(torch, name)
 
 
 def all_max(values: list, device) -> list:
-    """Element-wise maximum over ranks."""
+    """Element-wise maximum over ranks (fp16 headroom: the rank closest to overflow counts)."""
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -123,6 +131,8 @@ def all_max(values: list, device) -> list:
 
 
 def shutdown():
+    """Leave the process group and give SIGINT and SIGTERM their defaults back, so the Python
+    process that ran bori (pytest, a notebook) stops on Ctrl-C again."""
     if dist.is_initialized():
         dist.destroy_process_group()
     signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -22,6 +22,7 @@ def windows(n_tokens: int, seq_len: int, stride: int) -> list:
     prediction sees at least seq_len - stride tokens of context when the document has them."""
     out, scored = [], 1  # token 0 is the EOS the document starts from: not predicted
     while scored < n_tokens:
+        # the first window: seq_len + 1 tokens (seq_len inputs); the next ones move by stride
         end = min(scored + stride if out else seq_len + 1, n_tokens)
         out.append((max(0, end - seq_len - 1), end, scored))
         scored = end
@@ -43,17 +44,18 @@ def bits_per_byte(model, tok, texts: list, seq_len: int, device, ctx, rank=0, wo
     jobs = [(d, *w) for d, ids in enumerate(docs) for w in windows(len(ids), seq_len, stride)]
     was_training, total = model.training, 0.0
     model.eval()
+    # windows, not documents, go round the ranks: one long document keeps every rank busy
     for d, start, end, first in jobs[rank::world_size]:
         window = torch.tensor(docs[d][start:end], device=device)
         x, y = window[None, :-1], window[None, 1:].clone()
         y[:, :first - start - 1] = IGNORE_INDEX  # predicted by the window before
         y.masked_fill_(y == eos, IGNORE_INDEX)  # an EOS written in the text is not text
         with ctx:
-            total += model(x, y, reduction="sum").item()
+            total += model(x, y, reduction="sum").item()  # nats; the windows' sizes differ
     model.train(was_training)
     if world_size > 1:
         total = all_sum([total], device)[0]
-    return total / (math.log(2) * sum(len(t.encode("utf-8")) for t in texts))
+    return total / (math.log(2) * sum(len(t.encode("utf-8")) for t in texts))  # EOS: no bytes
 
 
 FP16_MAX = 65504.0  # the largest finite float16
@@ -69,7 +71,7 @@ def watch_fp16_headroom(model):
 
     def note(layer: int):
         def hook(module, inputs, output):
-            peaks[layer].append(output.detach().abs().amax().float())
+            peaks[layer].append(output.detach().abs().amax().float())  # on device: no sync
         return hook
     handles = [getattr(part, name).register_forward_hook(note(i))
                for i, block in enumerate(model.layers)
@@ -102,6 +104,7 @@ def evaluate(model, tok, evals: dict, seq_len: int, device, ctx, rank=0, world_s
 @torch.no_grad()
 def samples(model, tok, prompts: list, max_tokens: int, seed: int, device, ctx) -> list:
     """Completions of prompts (temperature 0.8, top-p 0.9, a fixed seed)."""
+    # its own generator: sampling leaves the global RNG, and so an exact resume, untouched
     gen = torch.Generator(device=device).manual_seed(seed)
     out, was_training = [], model.training
     model.eval()
@@ -148,6 +151,7 @@ def tokenizer_report(base_dir, tok_dir, evals: dict) -> dict:
 
 
 def print_tokenizer_report(report: dict):
+    """tokenizer_report as a table, then each new language's gain over the base tokenizer."""
     print(f"{'text':<4} {'tokenizer':<10} {'chars/tok':>9} {'bytes/tok':>9} {'partial':>8}")
     for lang, rows in report.items():
         for name, r in rows.items():
