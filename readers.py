@@ -15,6 +15,7 @@ from errors import CorpusError
 
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 PIECE_BYTES = 2**18  # 256 KiB of text at most per example
+# UTF-16 LE, UTF-16 BE, UTF-32 BE; UTF-32 LE's mark (ff fe 00 00) starts like UTF-16 LE's
 UTF16_32_BOMS = (b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")
 
 
@@ -28,7 +29,7 @@ def local_files(spec: str) -> list:
     path = Path(spec).expanduser()
     found = ([str(path)] if path.is_file() else
              sorted(str(p) for p in path.rglob("*") if p.is_file()) if path.is_dir() else
-             sorted(glob.glob(str(path), recursive=True)))
+             sorted(glob.glob(str(path), recursive=True)))  # sorted: the same order on every rank
     files = [f for f in found if file_kind(f) in LOCAL_SUFFIXES]
     if not files:
         what = "has no .txt/.jsonl/.json/.parquet files" if found else "matches no files"
@@ -37,7 +38,7 @@ def local_files(spec: str) -> list:
     if any(f.endswith(".parquet.gz") for f in files):
         raise ValueError(f"data path {spec!r} holds gzipped parquet, which cannot be streamed; "
                          "gunzip it (parquet compresses its columns itself)")
-    if len({file_kind(f) for f in files}) > 1:
+    if len({file_kind(f) for f in files}) > 1:  # open_source picks one reader, by files[0]
         raise ValueError(f"data path {spec!r} mixes file types; give each type its own source")
     return files
 
@@ -50,7 +51,8 @@ def check_head(file: str, head: bytes):
     if head.startswith(UTF16_32_BOMS) or head.count(0) > len(head) // 10:
         raise CorpusError(f"{file} is not UTF-8 text (it looks like UTF-16 or UTF-32); convert "
                           f"it, e.g. iconv -f UTF-16 -t UTF-8 {convert}")
-    head = head[:whole_chars_length(head)]
+    head = head[:whole_chars_length(head)]  # a character cut by the head's end is not a bad byte
+    # a quarter: stray bad bytes pass (dropped and counted), another encoding does not
     if len(head) - len(head.decode("utf-8", errors="ignore").encode()) > len(head) // 4:
         raise CorpusError(f"{file} is not UTF-8 text (most of its first bytes are not UTF-8: "
                           f"another encoding, such as CP949); convert it, e.g. iconv -f CP949 "
@@ -65,16 +67,18 @@ def check_readable(spec: str, field: str):
         if file_kind(file) == ".parquet":
             continue
         with open_text(file) as f:
-            head = f.read(4096)
+            head = f.read(4096)  # the same 4 KiB that lines() checks when training reads it
             check_head(file, head)
             if file_kind(file) in (".json", ".jsonl"):
                 f.seek(0)
                 first = next((line for line in f if line.strip()), None)
                 if first is not None:
+                    # the UTF-8 byte-order mark, which some Windows editors write, goes first
                     json_text(decode(first.removeprefix(b"\xef\xbb\xbf"))[0], field, file, 1)
 
 
 def open_text(file: str):
+    """file opened as bytes (through gzip for .gz): bad UTF-8 is then counted, not fatal."""
     try:
         return gzip.open(file, "rb") if file.endswith(".gz") else open(file, "rb")
     except OSError as e:
@@ -84,12 +88,12 @@ def open_text(file: str):
 
 def whole_chars_length(chunk: bytes) -> int:
     """The length of chunk's longest start that does not end inside a UTF-8 character."""
-    for back in range(1, min(4, len(chunk)) + 1):
+    for back in range(1, min(4, len(chunk)) + 1):  # a UTF-8 character has at most 4 bytes
         byte = chunk[-back]
-        if byte < 0x80:
+        if byte < 0x80:  # ASCII: a character ends here
             return len(chunk)
         if byte >= 0xC0:  # the lead byte of a character of `size` bytes
-            size = 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
+            size = 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4  # 110x, 1110x, 11110x
             return len(chunk) if back >= size else len(chunk) - back
     return len(chunk)
 
@@ -99,8 +103,9 @@ def lines(f, file: str):
     PIECE_BYTES in pieces cut between characters."""
     carry = b""
     try:
+        # readline with a limit: a file with no newline is never read whole into memory
         for n, chunk in enumerate(iter(lambda: f.readline(PIECE_BYTES), b"")):
-            chunk = carry + chunk
+            chunk = carry + chunk  # the start of a character the last piece cut off
             if n == 0:
                 check_head(file, chunk[:4096])
                 chunk = chunk.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark
@@ -131,11 +136,12 @@ def read_local(files: list, text_field: str):
 
 def decode(raw: bytes) -> tuple:
     """(text, how many invalid UTF-8 bytes were dropped)."""
-    text = raw.decode("utf-8", errors="ignore")
+    text = raw.decode("utf-8", errors="ignore")  # one bad byte drops itself, not the run
     return text, len(raw) - len(text.encode("utf-8"))
 
 
 def text_documents(f, file: str, field: str):
+    """Blank-line separated documents of a text file; a long one in pieces of ~PIECE_BYTES."""
     para, size = [], 0
     for raw, ends_line in lines(f, file):
         blank = ends_line and not raw.strip()
@@ -156,9 +162,10 @@ def text_documents(f, file: str, field: str):
 
 
 def json_documents(f, file: str, field: str):
+    """The text of each JSON line, in pieces of at most PIECE_BYTES."""
     line, n = [], 0
     for raw, ends_line in lines(f, file):
-        line.append(raw)
+        line.append(raw)  # JSON parses only whole: a long line's pieces are joined first
         if not ends_line:
             continue
         n += 1
@@ -168,6 +175,7 @@ def json_documents(f, file: str, field: str):
             text = json_text(text, field, file, n)
             step = PIECE_BYTES // 4  # characters: at most 4 bytes each
             for start in range(0, max(len(text), 1), step):
+                # bad bytes are the line's: counted once, with its first piece
                 yield {field: text[start:start + step], "bad_bytes": bad if start == 0 else 0,
                        "doc_end": start + step >= len(text)}
 
