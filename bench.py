@@ -42,8 +42,12 @@ from hf_io import from_pretrained
 from model import expand_vocab, flops_per_token
 from tokenizer import REFERENCE_NEW_TOKENS
 
+# below it: rows that both models hold, as loaded from the base before any expansion
 BASE_VOCAB = 49152  # SmolLM2's: the random token ids of the timed steps
 
+
+# ----------------------------------------------------------------------------------------------
+# One train step, of either model
 
 def load(which: str, base_dir, device):
     """Our Llama or transformers' (SDPA attention), fp32 weights, in train mode."""
@@ -51,6 +55,8 @@ def load(which: str, base_dir, device):
         model = from_pretrained(base_dir)
     else:
         from transformers import AutoModelForCausalLM
+        # SDPA, the kernel ours calls too (F.scaled_dot_product_attention): attention is the
+        # same work on both sides, so the comparison is of everything around it
         model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32,
                                                      attn_implementation="sdpa")
     return model.to(device).train()
@@ -58,8 +64,12 @@ def load(which: str, base_dir, device):
 
 def make_step(which: str, model, device, amp: bool, fused: bool = True):
     """One optimizer step on a fixed batch."""
+    # bori's betas; a tiny lr keeps the weights nearly where they were, so every round times
+    # the same model. fused: one kernel over every parameter (a 3.4x faster optimizer step on
+    # this project's CPU); fused=False is torch.optim.AdamW as transformers' examples write it.
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95),
                             **({"fused": True} if fused else {}))
+    # both disabled without --amp: the same calls run either way, as pass-throughs
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
     ctx = torch.autocast(device.type, dtype=torch.float16) if amp else torch.autocast(
         device.type, enabled=False)
@@ -70,15 +80,19 @@ def make_step(which: str, model, device, amp: bool, fused: bool = True):
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=True)  # freed, not zeroed, between steps, as in bori's loop
         return loss
     return step
 
 
 def sync(device):
+    """Wait for CUDA's queued kernels: unsynchronised, a timer would measure only launches."""
     if device.type == "cuda":
         torch.cuda.synchronize()
 
+
+# ----------------------------------------------------------------------------------------------
+# Ours against transformers: speed and peak memory
 
 def time_steps(args, base_dir, device) -> dict:
     """Rotate the three steps, `rounds` timed steps each after a warm-up."""
@@ -95,6 +109,8 @@ def time_steps(args, base_dir, device) -> dict:
                                                    args.amp)
     times = {w: [] for w in steps}
     for r in range(args.rounds + args.warmup):
+        # rotated each round: no step always runs first after the others warmed the caches,
+        # and machine noise (a 2-core CPU shared with other work) falls on all of them alike
         n = r % len(steps)
         order = list(steps)[n:] + list(steps)[:n]
         for w in order:
@@ -106,6 +122,7 @@ def time_steps(args, base_dir, device) -> dict:
                 times[w].append(time.perf_counter() - t0)
     out = {}
     for w, ts in times.items():
+        # the median: eager rounds swing widely (2.28 s to 3.88 s for ours, docs/bench.json)
         med = statistics.median(ts)
         out[w] = {"median_s": med, "min_s": min(ts), "max_s": max(ts),
                   "tokens_per_s": args.batch * args.seq_len / med}
@@ -114,6 +131,8 @@ def time_steps(args, base_dir, device) -> dict:
     out["speedup"] = out[ours_row]["tokens_per_s"] / out["reference"]["tokens_per_s"]
     out["speedup_model"] = out[ours_row]["tokens_per_s"] / out[same_row]["tokens_per_s"]
     out["speedup_eager"] = out["ours"]["tokens_per_s"] / out["reference"]["tokens_per_s"]
+    # MFU: 6N + 12·L·H·Q·T FLOPs per token (PaLM, arXiv:2204.02311, appendix B) at the rate
+    # measured, over the device's peak; on a CPU, against the T4's 65 TFLOP/s, it means little
     flops = flops_per_token(ours.cfg, sum(p.numel() for p in ours.parameters()), args.seq_len)
     out["mfu_ours"] = out[ours_row]["tokens_per_s"] * flops / (args.peak_tflops * 1e12)
     return out
@@ -121,20 +140,26 @@ def time_steps(args, base_dir, device) -> dict:
 
 def peak_memory(args, base_dir, device, which: str) -> float:
     """Peak memory in GiB of `which` training alone (CPU: a fresh subprocess's peak RSS)."""
-    if device.type == "cuda":
+    if device.type == "cuda":  # the counter starts afresh, so only this model's steps count
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         model = load(which, base_dir, device)
         step = make_step(which, model, device, args.amp)
         x = torch.randint(0, BASE_VOCAB, (args.batch, args.seq_len), device=device)
+        # two steps: the second runs with AdamW's moments allocated, a steady step's peak
         for _ in range(2):
             step(x, x.roll(-1, dims=1))
         del model, step
         return torch.cuda.max_memory_allocated() / 2**30
+    # A process's peak RSS never falls: in this process the second model would report the
+    # first's peak, so each model trains alone in a fresh interpreter.
     cmd = [sys.executable, __file__, f"--_peak={which}", f"--batch={args.batch}",
            f"--seq_len={args.seq_len}", f"--base={args.base}"]
     return float(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
 
+
+# ----------------------------------------------------------------------------------------------
+# bori's own step at the seed's settings, against the memory plan (a GPU's check)
 
 def recipe_steps(args, base_dir, device) -> dict:
     """bori's own Phase 1B step (accumulation to one GPU's share of the seed's 131,072-token
@@ -143,12 +168,15 @@ def recipe_steps(args, base_dir, device) -> dict:
     model = from_pretrained(base_dir, pad_vocab_to=64)
     expand_vocab(model, [[0]] * REFERENCE_NEW_TOKENS, "random")  # 58,133 rows; any init does
     model.to(device).train()
-    model.grad_checkpointing = True
+    model.grad_checkpointing = True  # the seed's setting; without it micro-batch 8 cannot fit
+    # FP16 autocast + GradScaler on CUDA, never bf16: a T4 emulates bf16 slowly even though
+    # torch.cuda.is_bf16_supported() says True
     amp = device.type == "cuda" or args.amp
     dtype = torch.float16 if amp else torch.float32
     gpu_gib = plan.T4_GIB
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory / 2**30
+        # a larger GPU capped to a T4's 14.75 GiB: an out-of-memory here is one on a T4
         torch.cuda.set_per_process_memory_fraction(min(1.0, plan.T4_GIB / total), device)
     mb = args.batch or plan.largest_micro_batch(model.cfg, args.seq_len, checkpointing=True,
                                                 gpu_gib=gpu_gib, dtype=dtype, limit=64)
@@ -156,15 +184,18 @@ def recipe_steps(args, base_dir, device) -> dict:
     cfg = bori.Config(micro_batch=mb, seq_len=args.seq_len)
     run = SimpleNamespace(cfg=cfg, env=DistEnv(device=device),
                           ctx=torch.autocast(device.type, dtype=dtype, enabled=amp))
+    # Phase 1B trains every parameter: the largest gradients and AdamW state of the recipe
     optimizer = bori.make_optimizer(model, cfg, bori.recipe(cfg)[-1])  # the phase training all
     training = bori.Training(phase_dir=Path("."), raw_model=model,
                              model=torch.compile(model) if args.compile else model,
-                             optimizer=optimizer, mixture=None,
+                             optimizer=optimizer, mixture=None,  # batches come from below
                              scaler=torch.amp.GradScaler(device.type, enabled=amp))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
     for i in range(args.warmup + args.steps):
+        # ids over the whole merged vocabulary, new rows included; made on the CPU and moved
+        # by train_step, as real batches are
         batches = [(x, x.roll(-1, dims=1)) for x in (
             torch.randint(0, model.cfg.vocab_size, (mb, args.seq_len)) for _ in range(accum))]
         sync(device)
@@ -175,6 +206,8 @@ def recipe_steps(args, base_dir, device) -> dict:
     tok_s = accum * mb * args.seq_len / statistics.median(times[args.warmup:])
     flops = flops_per_token(model.cfg, sum(p.numel() for p in model.parameters()), args.seq_len)
     cuda = device.type == "cuda"
+    # reserved, not allocated, is what the caching allocator takes from the driver: it is
+    # what must fit, and what the plan's 10% margin stands for
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     reserved = torch.cuda.max_memory_reserved() / 2**30 if cuda else None
     need = plan.memory_plan(model.cfg, args.seq_len, micro_batch=mb, checkpointing=True,
@@ -187,6 +220,9 @@ def recipe_steps(args, base_dir, device) -> dict:
             else reserved <= plan.T4_GIB - plan.CUDA_CONTEXT_GIB}
 
 
+# ----------------------------------------------------------------------------------------------
+# The loss, the data stream and the tokenizer
+
 def loss_steps(args) -> dict:
     """The chunked LM-head loss (forward + backward) against F.cross_entropy over full logits,
     taking turns: N=2048 tokens, the seed's 58,133-token vocabulary padded to 58,176, fp32."""
@@ -194,10 +230,13 @@ def loss_steps(args) -> dict:
 
     from loss import cross_entropy_sum
     torch.manual_seed(0)
-    N, V, C = 2048, plan.SEED_VOCAB, 576
+    N, V, C = 2048, plan.SEED_VOCAB, 576  # C: SmolLM2-135M's hidden size
     h = torch.randn(N, C, requires_grad=True)
+    # rows rounded up to a multiple of 64, as pad_vocab_to pads them; 0.02: GPT-2's init std
     w = (torch.randn(-(-V // 64) * 64, C) * 0.02).requires_grad_()
     y = torch.randint(0, V, (N,))
+    # the same mean loss both ways; the naive one holds (N, V) logits, their softmax and their
+    # gradient at once (about 1.4 GiB of fp32 here), the chunked one a chunk at a time
     steps = {"chunked": lambda: cross_entropy_sum(h, w, y, V) / N,
              "naive": lambda: F.cross_entropy((h @ w.T)[:, :V], y)}
     times = {k: [] for k in steps}
@@ -207,7 +246,7 @@ def loss_steps(args) -> dict:
             loss().backward()
             if r >= args.warmup:
                 times[name].append(time.perf_counter() - t0)
-            h.grad = w.grad = None
+            h.grad = w.grad = None  # each run starts with no gradient to accumulate into
     med = {k: statistics.median(v) for k, v in times.items()}
     return {"chunked_s": med["chunked"], "naive_s": med["naive"],
             "speedup_over_naive": med["naive"] / med["chunked"]}
@@ -215,11 +254,13 @@ def loss_steps(args) -> dict:
 
 def packed_tokens_per_s(tokenizer_dir, seconds: float = 10.0) -> float:
     """Packed tokens per second from the bundled Korean corpus on one core (data.Mixture)."""
+    # One core, the worst case: the stream must outpace training with whatever the model
+    # leaves (docs/bench.json: 1.9M tokens/s, 9,600x what our step trains on that CPU).
     os.environ["RAYON_NUM_THREADS"] = "1"  # tokenizers' thread pool, read at first use
     tok = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
     mix = data.Mixture({"ko": data.Source("ko", data.BUNDLED["ko_train"])}, {"ko": 1.0}, tok,
                        tok.token_to_id(data.EOS_TOKEN), seq_len=2048, batch_size=8)
-    mix.next_batch()  # warm-up
+    mix.next_batch()  # warm-up: opening the file and the first fill are not the rate
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         n += mix.next_batch()[0].numel()
@@ -228,6 +269,7 @@ def packed_tokens_per_s(tokenizer_dir, seconds: float = 10.0) -> float:
 
 def encode_tokens_per_s(tokenizer_dir, texts: list, repeat: int = 3) -> float:
     """Tokens per second of encode_batch on texts, best of `repeat` runs."""
+    # the best run, not the median: the least disturbed one is the tokenizer's own speed
     tok, best = Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json")), float("inf")
     for _ in range(repeat):
         t0 = time.perf_counter()
@@ -236,7 +278,11 @@ def encode_tokens_per_s(tokenizer_dir, texts: list, repeat: int = 3) -> float:
     return n / best
 
 
+# ----------------------------------------------------------------------------------------------
+# The command line
+
 def parse_args():
+    """bench.py's flags; --batch defaults to 1, or with --recipe to the plan's largest (0)."""
     p = argparse.ArgumentParser(description="ours vs transformers: train-step speed and memory")
     p.add_argument("--base", default=OFFLINE_BASE, help="the model both steps train")
     p.add_argument("--batch", type=int, help="micro-batch (default 1; with --recipe the "
@@ -255,7 +301,7 @@ def parse_args():
     p.add_argument("--loss", action="store_true", help="the chunked loss vs full logits")
     p.add_argument("--merged", help="a merged tokenizer folder (out_dir/tokenizer): its Korean "
                    "encoding speed beside the base's")
-    p.add_argument("--_peak", help=argparse.SUPPRESS)
+    p.add_argument("--_peak", help=argparse.SUPPRESS)  # peak_memory's own subprocess call
     args = p.parse_args()
     args.batch = args.batch if args.batch is not None else 0 if args.recipe else 1
     return args
@@ -286,6 +332,7 @@ def print_steps(result: dict, args, device):
 
 
 def main():
+    """Run the benchmark the flags ask for, print it, and write --json."""
     args = parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     base_dir = resolve_base(args.base)
@@ -310,6 +357,7 @@ def main():
     result = time_steps(args, base_dir, device)
     result["peak_gib"] = {w: peak_memory(args, base_dir, device, w)
                           for w in ("ours", "reference")}
+    # packed with the base tokenizer, so that bench needs no run folder
     result["data_tokens_per_s"] = packed_tokens_per_s(base_dir, seconds=5)
     korean = list(data.iter_texts([data.BUNDLED["ko_eval"]]))
     result["encode_tokens_per_s"] = {"base": encode_tokens_per_s(base_dir, korean)}

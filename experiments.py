@@ -11,6 +11,7 @@
    second.
 Everything else is the language's demo preset (bundled corpora, seq 256, fixed seeds). Writes a
 table, a PNG next to the JSON, and JSON with the keys the README's Results section quotes.
+EEVE: Kim et al. 2024, arXiv:2402.14714. About 37 minutes on 2 CPU cores for Korean (README).
 """
 import argparse
 import dataclasses
@@ -31,16 +32,23 @@ from hf_io import from_pretrained
 from prepare import eval_sets, stage_init, stage_tokenizer
 from runlog import Metrics
 
+# EEVE and two simpler inits of the new rows (model.expand_vocab): the mean of all base rows,
+# and random rows with the base rows' spread; only the init differs between their runs
 INITS = ("eeve", "mean", "random")
 
 
+# ----------------------------------------------------------------------------------------------
+# The runs: one Phase 1A per init, then Phase 1B with and without the English replay
+
 def evals_of(out: Path, phase: str) -> list:
+    """A run's eval records of one phase, in step order (the first at step 0)."""
     return [r for r in map(json.loads, open(out / "metrics.jsonl"))
             if r["kind"] == "eval" and r["phase"] == phase]
 
 
 def make_run(cfg, out: Path) -> bori.Run:
     """A one-process bori.Run writing to out, with cfg's held-out texts."""
+    # one process, rank 0: the Metrics is enabled, and the stop event is never set
     cfg = dataclasses.replace(cfg, out_dir=str(out))
     out.mkdir(parents=True, exist_ok=True)
     evals = eval_sets(bori.sources(cfg), cfg.eval_bytes, cfg.text_field)
@@ -51,10 +59,12 @@ def make_run(cfg, out: Path) -> bori.Run:
 def run_init(cfg, root: Path, init: str, base_dir: Path) -> Path:
     """Tokenizer (shared), expansion with `init`, then Phase 1A, in root/init."""
     out = root / init
+    # one tokenizer for all three, copied: the runs differ in the new rows' init alone, and a
+    # rerun skips what is done (each stage's DONE.json)
     if not (out / "tokenizer").is_dir():
         shutil.copytree(root / "tokenizer", out / "tokenizer")
     run = make_run(dataclasses.replace(cfg, init=init), out)
-    stage_init(run, base_dir)
+    stage_init(run, base_dir)  # logs the base model's line, then expands with `init`
     n_old = json.loads((out / "init" / "DONE.json").read_text())["n_old_rows"]
     bori.run_phase(run, run.phases[0], start_dir=out / "init", tok=bori_tokenizer(out),
                    n_old_rows=n_old)
@@ -64,6 +74,8 @@ def run_init(cfg, root: Path, init: str, base_dir: Path) -> Path:
 def run_1b(cfg, root: Path, name: str, mix: str) -> Path:
     """Phase 1B from EEVE's Phase 1A (model and data position), with the given mix."""
     out, first = root / name, bori.recipe(cfg)[0]
+    # Both Phase 1B runs start from one Phase 1A, its data position included, so the replay
+    # is the only difference; the log is copied so that the base line and 1A's evals come along.
     if not (out / first.folder).is_dir():
         shutil.copytree(root / "eeve" / "tokenizer", out / "tokenizer")
         shutil.copytree(root / "eeve" / first.folder, out / first.folder)
@@ -76,24 +88,33 @@ def run_1b(cfg, root: Path, name: str, mix: str) -> Path:
 
 
 def bori_tokenizer(out: Path):
+    """The merged tokenizer of the run in out."""
     return Tokenizer.from_file(str(out / "tokenizer" / "tokenizer.json"))
 
+
+# ----------------------------------------------------------------------------------------------
+# Generation speed, the plot and the table
 
 @torch.no_grad()
 def generation_speed(folder: Path, tok, prompt: str, n: int = 48) -> dict:
     """Greedy generation of n tokens: tokens/s and characters/s of the new text."""
     model = from_pretrained(folder).eval()
     idx = torch.tensor([tok.encode(prompt).ids])
-    model.generate(idx, 4, temperature=0)  # warm-up
+    model.generate(idx, 4, temperature=0)  # warm-up: first-call allocations are not the speed
     t0 = time.perf_counter()
+    # greedy: no sampling noise, and both models do the same work per token
     out = model.generate(idx, n, temperature=0)
     dt = time.perf_counter() - t0
+    # characters per second is the fair unit: a merged Korean token holds about 3 characters,
+    # a base token 0.53 (README: 2.2x the characters at about the same tokens/s)
     text = tok.decode(out[0, idx.shape[1]:].tolist())
     return {"tokens_per_s": (out.shape[1] - idx.shape[1]) / dt, "chars_per_s": len(text) / dt}
 
 
 def plot(results: dict, runs: dict, path: Path, lang: str, phases: list):
-    try:
+    """Phase 1A curves of the new language per init; Phase 1B's English with and without
+    the replay, against the base and the base + 5% bound."""
+    try:  # without matplotlib the table and the JSON still carry every number
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -110,6 +131,7 @@ def plot(results: dict, runs: dict, path: Path, lang: str, phases: list):
         pts = [(r["step"], r["en_bpb"]) for r in evals_of(runs[name], phases[1].name)]
         b.plot(*zip(*pts), "o-", ms=3, color=color, label=f"Phase 1B, {name.replace('_', ' ')}")
     b.axhline(results["base_en_bpb"], color="grey", ls="--", label="base model")
+    # 5%: the bound README's Results reads "without catastrophic destruction" of English by
     b.axhline(results["base_en_bpb"] * 1.05, color="grey", ls=":", label="base + 5%")
     b.set(title="English bits/byte during Phase 1B", xlabel="step", ylabel="bits per byte")
     for ax in (a, b):
@@ -141,33 +163,43 @@ def print_table(res: dict, lang: str):
           f"merged {g['merged']['chars_per_s']:.1f}")
 
 
+# ----------------------------------------------------------------------------------------------
+# main: the runs, the numbers, the files
+
 def main(argv=None):
+    """Run the experiments for --lang and write the JSON, the PNG and the table."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--lang", default="ko", choices=sorted(LANGUAGES))
     p.add_argument("--out", help="default: runs/experiments, or runs/experiments-LANG")
+    # 40 and 60 steps of 512 tokens: about 20K tokens a phase, the README's Results
     p.add_argument("--steps_1a", type=int, default=40)
     p.add_argument("--steps_1b", type=int, default=60)
     p.add_argument("--json", help="default: OUT/results.json")
     args = p.parse_args(argv)
     lang = args.lang
     root = Path(args.out or "runs/experiments" + ("" if lang == "ko" else f"-{lang}"))
+    # The language's demo preset, with the decay the seed's last 20% of each phase, an eval
+    # every 10 steps for the curves, and ckpt_every past the last step: a phase this short is
+    # redone rather than resumed (a finished one is still skipped, by its DONE.json).
     cfg = bori.load_config(bori.Config, bori.PRESETS, [
         f"--preset=demo-{lang}", f"--out_dir={root}", f"--steps_1a={args.steps_1a}",
         f"--decay_1a={args.steps_1a // 5}", f"--steps_1b={args.steps_1b}",
         f"--decay_1b={args.steps_1b // 5}", "--eval_every=10", "--ckpt_every=1000"])
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # fixed seeds: a rerun reproduces the table
     first, second = phases = bori.recipe(cfg)
     base_dir = resolve_base(cfg.base)
-    stage_tokenizer(make_run(cfg, root), base_dir)
+    stage_tokenizer(make_run(cfg, root), base_dir)  # once, in root; each run copies it
     runs = {init: run_init(cfg, root, init, base_dir) for init in INITS}
     runs["replay"] = run_1b(cfg, root, "replay", f"{lang}=0.9,en=0.1")
     runs["no_replay"] = run_1b(cfg, root, "no_replay", f"{lang}=1.0")
+    # each init's run scores the base on the same texts; EEVE's record stands for all three
     base = evals_of(runs["eeve"], "base")[0]
     res = {f"base_{lang}_bpb": base[f"{lang}_bpb"], "base_en_bpb": base["en_bpb"], "settings": {
         "lang": lang, "new_tokens": cfg.new_tokens,
         "steps_1a": args.steps_1a, "steps_1b": args.steps_1b, "seq_len": cfg.seq_len,
         "batch_tokens": cfg.batch_tokens, "lr_1a": cfg.lr_1a, "lr_1b": cfg.lr_1b,
         "eval_bytes": cfg.eval_bytes}}
+    # step 0 is Phase 1A's first eval, before any update: the init alone; [-1] is the last
     for code in (lang, "en"):
         res[f"step0_{code}_bpb"] = {"base": base[f"{code}_bpb"], **{
             i: evals_of(runs[i], first.name)[0][f"{code}_bpb"] for i in INITS}}
@@ -175,12 +207,15 @@ def main(argv=None):
                                        for i in INITS}
         res[f"after_1b_{code}_bpb"] = {n: evals_of(runs[n], second.name)[-1][f"{code}_bpb"]
                                        for n in ("replay", "no_replay")}
+    # English relative to the base: the replay's claim is that this stays small
     res["en_drift_after_1b"] = {n: v / res["base_en_bpb"] - 1
                                 for n, v in res["after_1b_en_bpb"].items()}
+    # the tokenizer stage's own report on the held-out text: tokens per character both ways
     report = json.loads((root / "tokenizer" / "DONE.json").read_text())[lang]
     res[f"{lang}_tokens_per_char"] = {t: 1 / report[t]["chars_per_token"]
                                       for t in ("base", "merged")}
     prompt = LANGUAGES[lang].prompts.split("|")[0]
+    # the base model with its own tokenizer against the final replay model with the merged one
     res["generation"] = {
         "base": generation_speed(base_dir, Tokenizer.from_file(str(base_dir / "tokenizer.json")),
                                  prompt),

