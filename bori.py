@@ -119,7 +119,7 @@ class Config:
 @dataclass(frozen=True)
 class Phase:
     """One training phase: what trains, on which data, for how long, at which learning rate."""
-    name: str  # "1a" or "1b": it lives in out_dir/phase{name}
+    name: str  # as recipe() names it; its folder is out_dir/phase{name}
     steps: int
     lr: float  # the WSD schedule's peak
     warmup: int

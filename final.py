@@ -74,11 +74,7 @@ def plot(run: Path):
     import matplotlib.pyplot as plt
     recs = records(run)
     cfg = run_config(run)
-    # tokens trained on the x axis, running on from phase to phase: comparable across runs
-    # with other batch sizes, where steps would not be
-    per_step, offset, starts = cfg["batch_tokens"], {}, 0
-    for phase in cfg["phases"]:  # tokens before each phase: the x axis runs on across phases
-        offset[phase["name"]], starts = starts * per_step, starts + phase["steps"]
+    per_step, offset = cfg["batch_tokens"], tokens_before(cfg)
 
     def x(r):
         """A record's place on the x axis: millions of tokens trained since Phase 1A began."""
@@ -127,14 +123,28 @@ def plot(run: Path):
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     fig.suptitle(f"bori run {run.name}")
+    return save_figure(fig, run / "plots" / "training.png")
+
+
+def tokens_before(cfg: dict) -> dict:
+    """{phase name: tokens trained before it}. Tokens trained, not steps, run along the plot's
+    x axis from phase to phase: comparable across runs with other batch sizes."""
+    offset, steps = {}, 0
+    for phase in cfg["phases"]:
+        offset[phase["name"]], steps = steps * cfg["batch_tokens"], steps + phase["steps"]
+    return offset
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Save fig as a PNG at path, atomically (a kill mid-save leaves the previous plot, not a
+    cut PNG; format= because the temporary name has no .png to infer it from), and close it."""
+    import matplotlib.pyplot as plt
     fig.tight_layout()
-    (run / "plots").mkdir(exist_ok=True)
-    # atomic: a kill mid-save leaves the previous plot, not a cut PNG; format= because the
-    # temporary file's name has no .png to infer it from
-    with atomic_file(run / "plots" / "training.png") as tmp:
+    path.parent.mkdir(exist_ok=True)
+    with atomic_file(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)  # pyplot keeps every figure alive until closed
-    return run / "plots" / "training.png"
+    return path
 
 
 # ----------------------------------------------------------------------------------------------

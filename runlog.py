@@ -2,7 +2,7 @@
 TensorBoard or Weights & Biases when asked, and the progress line people watch.
 
     metrics = Metrics(out / "metrics.jsonl", enabled=env.is_master)
-    with Progress(metrics, phase="1a", steps=1000, step=0, ...) as progress: ...
+    with Progress(metrics, phase=phase.name, steps=phase.steps, step=0, ...) as progress:
 
 Rank 0 writes; the other ranks hold a disabled Metrics. A resumed run first drops what the
 killed one logged after its checkpoint (truncate_after), so no record appears twice.

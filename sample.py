@@ -22,7 +22,7 @@ from hf_io import from_pretrained, model_folder
 
 def find_tokenizer(folder: Path) -> Path:
     """The folder's own tokenizer.json, or for a checkpoint its run's merged tokenizer."""
-    # a checkpoint (RUN/phase1b/ckpt-N) holds weights only; RUN/tokenizer is two levels up
+    # a checkpoint (RUN/phase*/ckpt-N) holds weights only; RUN/tokenizer is two levels up
     for candidate in (folder, folder.parent.parent / "tokenizer"):
         if (candidate / "tokenizer.json").is_file():
             return candidate / "tokenizer.json"
