@@ -217,6 +217,24 @@ def validate(cfg, phases: list, corpora: list, world_size: int):
             raise ValueError(f"phase {phase.name}: need steps >= 1, decay >= 1 and warmup + "
                              f"decay <= steps (got steps {steps}, warmup {warm}, decay {dec})")
         data.parse_weights(phase.mix)  # a malformed mix fails now, not when its phase starts
+    for ok, message in value_checks(cfg, phases):
+        if not ok:
+            raise ValueError(message)
+    # A mix names sources by language code; a wrong one would otherwise surface only when its
+    # phase starts, hours into a run (Phase 1B follows 1,000 steps of Phase 1A).
+    names = {corpus.name for corpus in corpora}
+    hint = (f"--preset=demo-{cfg.lang} or bori-{cfg.lang} sets them" if cfg.lang in data.LANGUAGES
+            else "name it in " + " and ".join(f"--mix_{p.name}" for p in phases))
+    for phase in phases:
+        unknown = set(data.parse_weights(phase.mix)) - names
+        if unknown:
+            raise ValueError(f"mix_{phase.name}={phase.mix!r} names {sorted(unknown)}; the "
+                             f"sources are {sorted(names)} (--lang={cfg.lang} names the new "
+                             f"language's; {hint})")
+
+
+def value_checks(cfg, phases: list) -> list:
+    """(holds, the sentence when it does not) for every choice and range of Config's values."""
     checks = [(cfg.init in ("eeve", "mean", "random"), "init must be eeve, mean or random"),
               (cfg.unicode_script in SCRIPTS,
                f"unicode_script must be one of {sorted(SCRIPTS)} (or add its rule there)"),
@@ -251,17 +269,4 @@ def validate(cfg, phases: list, corpora: list, world_size: int):
                (cfg.out_dir.strip() != "", "out_dir must name a folder"),
                (not Path(cfg.out_dir).exists() or Path(cfg.out_dir).is_dir(),
                 f"out_dir={cfg.out_dir} is a file, not a folder; choose another out_dir")]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
-    # A mix names sources by language code; a wrong one would otherwise surface only when its
-    # phase starts, hours into a run (Phase 1B follows 1,000 steps of Phase 1A).
-    names = {corpus.name for corpus in corpora}
-    hint = (f"--preset=demo-{cfg.lang} or bori-{cfg.lang} sets them" if cfg.lang in data.LANGUAGES
-            else "name it in " + " and ".join(f"--mix_{p.name}" for p in phases))
-    for phase in phases:
-        unknown = set(data.parse_weights(phase.mix)) - names
-        if unknown:
-            raise ValueError(f"mix_{phase.name}={phase.mix!r} names {sorted(unknown)}; the "
-                             f"sources are {sorted(names)} (--lang={cfg.lang} names the new "
-                             f"language's; {hint})")
+    return checks

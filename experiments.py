@@ -166,32 +166,9 @@ def print_table(res: dict, lang: str):
 # ----------------------------------------------------------------------------------------------
 # main: the runs, the numbers, the files
 
-def main(argv=None):
-    """Run the experiments for --lang and write the JSON, the PNG and the table."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--lang", default="ko", choices=sorted(LANGUAGES))
-    p.add_argument("--out", help="default: runs/experiments, or runs/experiments-LANG")
-    # 40 and 60 steps of 512 tokens: about 20K tokens a phase, the README's Results
-    p.add_argument("--steps_1a", type=int, default=40)
-    p.add_argument("--steps_1b", type=int, default=60)
-    p.add_argument("--json", help="default: OUT/results.json")
-    args = p.parse_args(argv)
-    lang = args.lang
-    root = Path(args.out or "runs/experiments" + ("" if lang == "ko" else f"-{lang}"))
-    # The language's demo preset, with the decay the seed's last 20% of each phase, an eval
-    # every 10 steps for the curves, and ckpt_every past the last step: a phase this short is
-    # redone rather than resumed (a finished one is still skipped, by its DONE.json).
-    cfg = bori.load_config(bori.Config, bori.PRESETS, [
-        f"--preset=demo-{lang}", f"--out_dir={root}", f"--steps_1a={args.steps_1a}",
-        f"--decay_1a={args.steps_1a // 5}", f"--steps_1b={args.steps_1b}",
-        f"--decay_1b={args.steps_1b // 5}", "--eval_every=10", "--ckpt_every=1000"])
-    torch.manual_seed(cfg.seed)  # fixed seeds: a rerun reproduces the table
-    first, second = phases = bori.recipe(cfg)
-    base_dir = resolve_base(cfg.base)
-    stage_tokenizer(make_run(cfg, root), base_dir)  # once, in root; each run copies it
-    runs = {init: run_init(cfg, root, init, base_dir) for init in INITS}
-    runs["replay"] = run_1b(cfg, root, "replay", f"{lang}=0.9,en=0.1")
-    runs["no_replay"] = run_1b(cfg, root, "no_replay", f"{lang}=1.0")
+def results(cfg, args, runs: dict, root: Path, phases: list) -> dict:
+    """The numbers of the README's Results, read back from each run's metrics.jsonl."""
+    lang, (first, second) = cfg.lang, phases
     # each init's run scores the base on the same texts; EEVE's record stands for all three
     base = evals_of(runs["eeve"], "base")[0]
     res = {f"base_{lang}_bpb": base[f"{lang}_bpb"], "base_en_bpb": base["en_bpb"], "settings": {
@@ -214,12 +191,42 @@ def main(argv=None):
     report = json.loads((root / "tokenizer" / "DONE.json").read_text())[lang]
     res[f"{lang}_tokens_per_char"] = {t: 1 / report[t]["chars_per_token"]
                                       for t in ("base", "merged")}
+    return res
+
+
+def main(argv=None):
+    """Run the experiments for --lang and write the JSON, the PNG and the table."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--lang", default="ko", choices=sorted(LANGUAGES))
+    p.add_argument("--out", help="default: runs/experiments, or runs/experiments-LANG")
+    # 40 and 60 steps of 512 tokens: about 20K tokens a phase, the README's Results
+    p.add_argument("--steps_1a", type=int, default=40)
+    p.add_argument("--steps_1b", type=int, default=60)
+    p.add_argument("--json", help="default: OUT/results.json")
+    args = p.parse_args(argv)
+    lang = args.lang
+    root = Path(args.out or "runs/experiments" + ("" if lang == "ko" else f"-{lang}"))
+    # The language's demo preset, with the decay the seed's last 20% of each phase, an eval
+    # every 10 steps for the curves, and ckpt_every past the last step: a phase this short is
+    # redone rather than resumed (a finished one is still skipped, by its DONE.json).
+    cfg = bori.load_config(bori.Config, bori.PRESETS, [
+        f"--preset=demo-{lang}", f"--out_dir={root}", f"--steps_1a={args.steps_1a}",
+        f"--decay_1a={args.steps_1a // 5}", f"--steps_1b={args.steps_1b}",
+        f"--decay_1b={args.steps_1b // 5}", "--eval_every=10", "--ckpt_every=1000"])
+    torch.manual_seed(cfg.seed)  # fixed seeds: a rerun reproduces the table
+    phases = bori.recipe(cfg)
+    base_dir = resolve_base(cfg.base)
+    stage_tokenizer(make_run(cfg, root), base_dir)  # once, in root; each run copies it
+    runs = {init: run_init(cfg, root, init, base_dir) for init in INITS}
+    runs["replay"] = run_1b(cfg, root, "replay", f"{lang}=0.9,en=0.1")
+    runs["no_replay"] = run_1b(cfg, root, "no_replay", f"{lang}=1.0")
+    res = results(cfg, args, runs=runs, root=root, phases=phases)
     prompt = LANGUAGES[lang].prompts.split("|")[0]
     # the base model with its own tokenizer against the final replay model with the merged one
     res["generation"] = {
         "base": generation_speed(base_dir, Tokenizer.from_file(str(base_dir / "tokenizer.json")),
                                  prompt),
-        "merged": generation_speed(runs["replay"] / second.folder / "model",
+        "merged": generation_speed(runs["replay"] / phases[1].folder / "model",
                                    bori_tokenizer(runs["replay"]), prompt)}
     print_table(res, lang)
     json_path = Path(args.json or root / "results.json")
