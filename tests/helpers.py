@@ -1,4 +1,5 @@
-"""What the tests share besides fixtures: texts, the tiny run's flags, readers of a run's output."""
+"""What the tests share besides fixtures: texts, the tiny run's flags, readers of a run's output,
+processes started and stopped, files damaged."""
 import json
 import os
 import signal
@@ -7,6 +8,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 import data
 
@@ -126,3 +129,33 @@ def run_until(cmd, until, sig=signal.SIGKILL, preexec_fn=None, timeout=300):
         send(proc.pid, signal.SIGKILL)
     _, err = proc.communicate()
     return proc.returncode, err, sent
+
+
+def utility(script: str, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)],
+                          capture_output=True, text=True, env=ENV, timeout=300)
+
+
+def one_error(capsys) -> str:
+    """The single `error:` line a failed run printed (and no traceback)."""
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    return lines[0]
+
+
+def assert_same_run(out: Path, ref: Path):
+    """Bit for bit the same final weights, and the same metrics but the wall-clock ones."""
+    for key, value in weights(ref / "final").items():
+        assert torch.equal(value, weights(out / "final")[key]), key
+    assert logged(out) == logged(ref)
+
+
+def flip_bit(path: Path, offset_from_end: int = 1000):
+    data_ = bytearray(path.read_bytes())
+    data_[-offset_from_end] ^= 0x10
+    path.write_bytes(bytes(data_))
+
+
+def cut_short(path: Path):
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+
 from helpers import ROOT
 
 
@@ -27,7 +28,8 @@ def test_bench_writes_ratios_memory_and_data_rate(tmp_path):
 def test_bench_recipe_mode_runs_the_fp16_step(tmp_path):
     out = tmp_path / "recipe.json"
     subprocess.run([sys.executable, str(ROOT / "bench.py"), "--recipe", "--steps=1",
-                    "--warmup=0", "--seq_len=32", "--batch=2", "--accum=2", "--amp", f"--json={out}"],
+                    "--warmup=0", "--seq_len=32", "--batch=2", "--accum=2", "--amp",
+                    f"--json={out}"],
                    check=True, capture_output=True, cwd=ROOT)
     result = json.loads(out.read_text())
     assert result["micro_batch"] == 2 and result["tokens_per_s"] > 0 and result["plan_gib"] > 1

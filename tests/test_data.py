@@ -1,13 +1,17 @@
-"""data.py: packing, rank sharding, exact resume, the mixture, file formats and bad input."""
+"""data.py: packing, rank sharding, exact resume, the mixture, file formats, held-out documents
+and bad input."""
 import gzip
 import io
 import json
+import re
 
 import pytest
 import torch
 
+import bori
 import data
 from data import Mixture, PackedStream, Source
+
 
 EOS = 0
 
@@ -197,3 +201,32 @@ def test_resume_at_every_batch_twice_over_equals_the_stream_across_an_epoch_wrap
                 mix.load_state_dict(state)
             got += take_blocks(mix, 1)
         assert got == expected, rank
+
+
+def test_a_source_that_is_also_eval_skips_the_held_out_documents(tmp_path, base_tok):
+    texts = [f"문서 {i}: " + "가나다 " * (5 + i) for i in range(20)]
+    path = tmp_path / "one.jsonl"
+    path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts))
+    held = data.eval_docs(str(path), 200)
+    source = data.training_source(data.Corpus("ko", str(path), str(path), "data_new", "eval_new"),
+                                  eval_bytes=200, text_field="text")
+    assert source.skip == len(held) > 0
+    stream = data.PackedStream(source, base_tok, 0)
+    first = stream.take(5)
+    assert first == base_tok.encode(texts[len(held)]).ids[:5]  # the first not held out
+    other = data.Corpus("ko", str(path), "other.jsonl", "data_new", "eval_new")
+    assert data.training_source(other, eval_bytes=200, text_field="text").skip == 0
+
+
+def test_warnings_a_user_needs(tmp_path, base_tok, capsys):
+    path = tmp_path / "small.jsonl"
+    path.write_text("".join(json.dumps({"text": f"짧은 문서 {i}"}, ensure_ascii=False) + "\n"
+                            for i in range(3)))
+    stream = data.PackedStream(data.Source("ko", str(path), flag="data_new"), base_tok, 0)
+    stream.take(200)
+    assert "warning: --data_new (" in capsys.readouterr().err  # read round again
+    import prepare
+    cfg = bori.Config(eval_new=str(path), eval_en=str(path))
+    prepare.eval_sets(bori.sources(cfg), eval_bytes=10_000, text_field="text")
+    assert re.search(r"warning: --eval_new holds only \d+ of the 10,000 bytes asked for",
+                     capsys.readouterr().err)

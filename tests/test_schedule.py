@@ -5,7 +5,7 @@ import pytest
 
 from schedule import lr_at
 
-# 100 steps: warmup 10 (steps 0-9), stable 10-79, decay 80-99 (20 steps), floor 10% of 1e-3.
+
 ARGS = dict(peak_lr=1e-3, total_steps=100, warmup_steps=10, decay_steps=20, min_lr_ratio=0.1)
 
 

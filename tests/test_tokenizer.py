@@ -1,12 +1,15 @@
-"""tokenizer.py: the merged tokenizer against the base tokenizer, tokenizers' BPE, transformers."""
+"""tokenizer.py: the merged tokenizer against the base tokenizer, tokenizers' BPE and
+transformers; Korean, Japanese and Vietnamese."""
 import json
 import unicodedata
 
 import pytest
-from helpers import ENGLISH, KOREAN, ROOT
+from tokenizers import Tokenizer
 
 import data
 import tokenizer as T
+from helpers import ENGLISH, KOREAN, ROOT
+
 
 NEW = T.REFERENCE_NEW_TOKENS
 
@@ -21,7 +24,7 @@ def non_korean_lines() -> list:
              for line in doc.split("\n") if line.strip()][:200]
     code = [line for line in (ROOT / "model.py").read_text().split("\n") if line.strip()][:150]
     other = ["3.14159 + 2,718 = 5.85959; 1e-5 0x1F 2026-11-28 12:30:45", "$1,234,567.89 (+12%)",
-             "emoji 🙂🚀👍🏽👨‍👩‍👧 ❤️ ✅", "日本語の文章と中文句子。", "Съешь же ещё этих мягких булок",
+             "emoji 🙂🚀👍🏽👨‍👩‍👧 ❤️ ✅", "日本語の文章と中文句子。", "Съешь же ещё этих мягких булок",  # noqa: E501 (wide characters)
              "naïve café façade Ærøskøbing", "مرحبا بالعالم", "नमस्ते दुनिया", "ｆｕｌｌ　ｗｉｄｔｈ",
              "tabs\tand  double  spaces\n\n\nnewlines", "<|im_start|>user\nhi<|im_end|>",
              "ꀀꀁ Yi syllables ꓐꓑ Lisu", "Ѐ Ё Ђ Ѓ Є", "\u3000\u3001\u3002 「引用」", "🇰🇷 🇺🇸"]
@@ -39,7 +42,7 @@ def test_korean_round_trips(merged):
     all_syllables = "".join(chr(c) for c in range(0xAC00, 0xD7A4))
     samples = KOREAN + list(data.iter_texts([data.BUNDLED["ko_eval"]])) + [
         all_syllables, "똠방각하 뷁 햏 쀍 갂 퓛", "ㅋㅋㅋ ㅠㅠ ㄱㄴㄷ ᄀᄁᄂ ᅡᅢ ᆨᆩ ꥠ ힰ",
-        unicodedata.normalize("NFD", "한국어 자모 분해"), "API를 3번 호출했다! (v2.0)에서", "가🙂나\t다\n"]
+        unicodedata.normalize("NFD", "한국어 자모 분해"), "API를 3번 호출했다! (v2.0)에서", "가🙂나\t다\n"]  # noqa: E501 (wide characters)
     for text in samples:
         assert merged.decode(merged.encode(text).ids) == text
 
@@ -94,6 +97,10 @@ def test_held_out_korean_needs_three_times_fewer_tokens(merged, base_tok):
     base_n = sum(len(e.ids) for e in base_tok.encode_batch(texts))
     merged_n = sum(len(e.ids) for e in merged.encode_batch(texts))
     assert base_n / merged_n >= 3.0, base_n / merged_n
+    # the README's table: tokens per character 1.895 (base) and 0.364 (merged), 5.2x fewer
+    chars = sum(len(t) for t in texts)
+    assert (round(base_n / chars, 3), round(merged_n / chars, 3)) == (1.895, 0.364)
+    assert round(base_n / merged_n, 1) == 5.2, base_n / merged_n
 
 
 def test_holds_hangul_cases():
@@ -125,3 +132,98 @@ def test_training_is_deterministic(base_dir, tmp_path):
 def test_too_little_korean_is_a_clear_error(base_dir, tmp_path):
     with pytest.raises(ValueError, match="yields only .* new hangul tokens"):
         T.build(base_dir, tmp_path, iter(["한국어 문장 하나뿐."]), 500)
+
+
+ADVERSARIAL = {
+    "ja": ["ﾊﾝｶｸｶﾀｶﾅとＡＳＣＩＩ混在のテキスト123", "ｱｲｳｴｵ ﾞﾟ ｶﾞｷﾞ ｰ", "日本語とEnglishが混ざるmixed文。",  # noqa: E501 (wide characters)
+           "𠮷野家の𩸽 (4-byte kanji)", "々〆〇ヶヵ・ー〜", "カ\u3099 ハ\u309a (combining voiced marks)",  # noqa: E501 (wide characters)
+           unicodedata.normalize("NFD", "ガギグゲゴ パピプペポ"), "絵文字🙂🍣と\t改行\n\n終わり"],
+    "vi": ["Tiếng Việt có dấu: ả ã ạ ắ ằ ẳ ẵ ặ ấ ầ ẩ ẫ ậ ẻ ẽ ẹ ế ề ể ễ ệ ỉ ĩ ị ỏ õ ọ ố ồ ổ ỗ ộ ớ ờ ở ỡ ợ",  # noqa: E501 (wide characters)
+           "ĐẠI HỌC QUỐC GIA HÀ NỘI, Đường Trường Chinh", "ư ơ ă â ê ô đ Ư Ơ Ă Â Ê Ô Đ",
+           unicodedata.normalize("NFD", "Người Việt Nam yêu nước thương nòi"),
+           "Hòa hoà Thủy thuỷ (hai kiểu bỏ dấu)", "e\u0301 a\u0300 o\u0303 u\u0309 i\u0323 (dấu tổ hợp)",  # noqa: E501 (wide characters)
+           "giá 1.234.567₫ (+12%) ngày 29/11/2026", "café naïve và phở 🍜"],
+}
+
+
+@pytest.fixture(scope="module", params=["ja", "vi"])
+def lang(request, base_dir, tmp_path_factory):
+    """The language's merge from its bundled corpus, at its preset's number of new tokens."""
+    code = request.param
+    out = tmp_path_factory.mktemp(f"merged_{code}")
+    done = T.build(base_dir, out, data.iter_texts([data.BUNDLED[f"{code}_train"]]),
+                   data.LANGUAGES[code].new_tokens, data.LANGUAGES[code].script)
+    merged = Tokenizer.from_file(str(out / "tokenizer.json"))
+    standalone = Tokenizer.from_file(str(out / "standalone_bpe.json"))
+    held_out = list(data.iter_texts([data.BUNDLED[f"{code}_eval"]]))
+    return code, merged, standalone, held_out, done, out
+
+
+def holds(text: str, script: str) -> bool:
+    return any(T.holds_script(ch.encode(), script) for ch in text)
+
+
+def count(tok, texts) -> int:
+    return sum(len(e.ids) for e in tok.encode_batch(texts))
+
+
+# README, "Another language": tokens per character of the base and the merged tokenizer, how
+# many times fewer tokens (3.8x, 2.78x; 3.77 to 2 decimals) and the compression against a standalone BPE (101%, 96%)
+README_TOKENIZER_TABLE = {"ja": (1.431, 0.379, 3.77, 1.01), "vi": (0.791, 0.285, 2.78, 0.96)}
+
+
+def test_compression_against_the_base_and_a_standalone_bpe(lang, base_tok):
+    code, merged, standalone, held_out, done, _ = lang
+    n_base, n_merged = count(base_tok, held_out), count(merged, held_out)
+    assert count(standalone, held_out) / n_merged >= 0.95  # the same number of new tokens
+    # the README's table: tokens per character (base, merged), x fewer, % of a standalone BPE
+    chars = sum(len(t) for t in held_out)
+    measured = (round(n_base / chars, 3), round(n_merged / chars, 3),
+                round(n_base / n_merged, 2), round(count(standalone, held_out) / n_merged, 2))
+    assert measured == README_TOKENIZER_TABLE[code], measured
+    if code == "ja":
+        assert n_base / n_merged >= 3.0, n_base / n_merged  # measured 3.77
+        return
+    # Vietnamese: a pre-token without the script's letters (plain ASCII "trong", "cho", "nhanh")
+    # keeps its base tokens, or English would change; any other needs at least one token.
+    words = [w for text in held_out for w, _ in base_tok.pre_tokenizer.pre_tokenize_str(text)]
+    kept = [w for w in words if not T.holds_script(T.token_bytes(w), "vietnamese")]
+    fewest = sum(len(base_tok.model.tokenize(w)) for w in kept) + len(words) - len(kept)
+    assert n_base / fewest < 3.0  # measured 2.84: the issue's 3x cannot be reached here
+    assert round(n_base / fewest, 2) == 2.83  # the README: "at most 2.83x possible"
+    assert n_base / n_merged >= 0.97 * n_base / fewest, (n_base / n_merged, n_base / fewest)
+
+
+def test_text_without_the_script_tokenizes_exactly_as_before(lang, base_tok):
+    code, merged, *_ = lang
+    script = data.LANGUAGES[code].script
+    lines = [line for line in non_korean_lines() if not holds(line, script)]
+    assert len(lines) > len(non_korean_lines()) - 4  # only the lines in the script are left out
+    for line in lines:
+        assert merged.encode(line).ids == base_tok.encode(line).ids, line
+
+
+def test_round_trips_and_reachability(lang, base_tok):
+    code, merged, _, held_out, done, out = lang
+    script = data.LANGUAGES[code].script
+    for text in held_out + ADVERSARIAL[code]:
+        assert merged.decode(merged.encode(text).ids) == text
+    base_size = base_tok.get_vocab_size()
+    new_tokens = json.loads((out / "eeve_map.json").read_text())["new_tokens"]
+    assert len(new_tokens) == done["new_tokens"] == data.LANGUAGES[code].new_tokens
+    for i, token in enumerate(new_tokens):
+        assert [t.id for t in merged.model.tokenize(token)] == [base_size + i], token
+        assert T.holds_script(T.token_bytes(token), script), token
+    assert done["rule"] == f"a new token {T.SCRIPTS[script][0]}"
+    assert set(done["rejected"]) >= {"not in the script", "in the base already"}
+    assert done["rejected"]["not in the script"] > 0
+
+
+def test_vietnamese_rule_cases():
+    vi = lambda s: T.holds_script(s.encode(), "vietnamese")  # noqa: E731
+    assert vi("ệ") and vi("đ") and vi("ư") and vi("à") and vi("ã")
+    assert not vi("the") and not vi("ñ") and not vi("ç") and not vi("ü") and not vi("ï")
+    assert not T.holds_script("ệ".encode()[:1], "vietnamese")  # E1 begins any of U+1000-1FFF
+    assert not T.holds_script(b"\xc3", "vietnamese")  # C3 also begins ä ö ü ñ ç
+    ja = lambda s: T.holds_script(s.encode(), "japanese")  # noqa: E731
+    assert ja("の") and ja("ｶ") and ja("漢") and ja("々") and not ja("ｆ") and not ja("한")

@@ -1,0 +1,74 @@
+"""inputs.py: the base model and the data sources checked before any stage; the converted-GGUF
+cache."""
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import bori
+import data
+from gguf_io import write_gguf
+from helpers import ROOT, tiny_flags, weights
+from inputs import resolve_base
+
+
+def test_an_unreachable_hub_source_is_one_sentence_within_seconds(tmp_path, tiny_base,
+                                                                  monkeypatch, capsys):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: a dead network
+    t0 = time.time()
+    code = bori.main(tiny_flags(tmp_path / "run", tiny_base,
+                                data_en="hf:HuggingFaceTB/smollm-corpus:fineweb-edu-dedup"))
+    assert code == 2 and time.time() - t0 < 10
+    err = capsys.readouterr().err
+    assert re.search(r"^error: --data_en: could not reach 'hf:HuggingFaceTB/smollm-corpus:"
+                     r"fineweb-edu-dedup' on the Hugging Face hub \(.*\); offline, run "
+                     r"--preset=demo, or point --data_new", err, flags=re.M), err
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_a_text_field_per_source(tmp_path, tiny_base, capsys):
+    ko = tmp_path / "ko.jsonl"
+    ko.write_text("".join(json.dumps({"content": "한국어 문서 " * 50}, ensure_ascii=False) + "\n"
+                          for _ in range(40)))
+    assert bori.main(tiny_flags(tmp_path / "a", tiny_base, data_ko=ko)) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"error: --data_new: .*ko.jsonl line 1 has no text field 'text' \(it has "
+                     r"\['content'\]\); name the key that holds the text after the path, e.g. "
+                     r"\S*ko.jsonl#content", err), err
+    assert not (tmp_path / "a" / "config.json").exists()
+    source = data.Source("ko", f"{ko}#content")
+    assert (source.path, source.text_field) == (str(ko), "content")
+    assert next(data.iter_texts([f"{ko}#content"])).startswith("한국어 문서")
+
+
+def test_gguf_cache_is_keyed_by_content_and_shared_safely(tiny_run, tmp_path):
+    a, b = tmp_path / "a" / "model.gguf", tmp_path / "b" / "model.gguf"
+    a.parent.mkdir(), b.parent.mkdir()
+    write_gguf(tiny_run / "final", a, "f32")
+    write_gguf(tiny_run / "final", b, "f16")
+    cache = tmp_path / "cache"
+    folder_a, folder_b = resolve_base(str(a), cache), resolve_base(str(b), cache)
+    assert folder_a != folder_b  # the same name, other content: two conversions
+    embed = "model.embed_tokens.weight"  # f16 rounds it: the two are really different files
+    assert not torch.equal(weights(folder_a)[embed], weights(folder_b)[embed])
+    shutil.copy(b, a)  # replaced in place: converted anew
+    assert resolve_base(str(a), cache) == folder_b
+    # two first-time conversions at once: both succeed, one folder stands, whole
+    c = tmp_path / "c.gguf"
+    write_gguf(tiny_run / "final", c, "f32")
+    script = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from inputs import "
+              f"resolve_base; print(resolve_base({str(c)!r}, {str(cache)!r}))")
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate() for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert outs[0][0] == outs[1][0]
+    folder = Path(outs[0][0].strip())
+    assert torch.equal(weights(folder)["model.norm.weight"],
+                       weights(tiny_run / "final")["model.norm.weight"])
+    assert not list(cache.glob("*.tmp")) and len(list(cache.iterdir())) == 3

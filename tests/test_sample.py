@@ -1,0 +1,42 @@
+"""sample.py: generation from a run folder, a checkpoint or an exported folder."""
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from helpers import ROOT, cut_short, utility
+
+
+@pytest.mark.slow
+def test_sample_script_generates_from_an_exported_folder(tiny_run):
+    out = subprocess.run([sys.executable, str(ROOT / "sample.py"), str(tiny_run / "final"),
+                          "--prompt", "한국어", "--max_tokens", "5", "--temperature", "0"],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("한국어") and "tokens/s]" in out.stdout
+
+
+@pytest.mark.slow
+def test_the_utilities_take_a_run_folder_and_name_what_is_wrong(tiny_run, stopped, tmp_path):
+    out = utility("sample.py", tiny_run, "--prompt", "한국어", "--max_tokens", "3",
+                  "--temperature", "0")
+    assert out.returncode == 0 and f"model: {tiny_run / 'final'}" in out.stdout, out.stderr
+    out = utility("sample.py", stopped, "--max_tokens", "2")  # a run still in Phase 1A
+    assert out.returncode == 0 and "phase1a/ckpt-000004" in out.stdout, out.stderr
+    out = utility("sample.py", tiny_run, "--max_tokens=-5")
+    assert out.returncode == 2 and "argument --max_tokens: -5 is below 1" in out.stderr
+    out = utility("export_gguf.py", tiny_run, tmp_path / "x.gguf", "--dtype", "f32")
+    assert out.returncode == 0 and (tmp_path / "x.gguf").stat().st_size > 1_000_000, out.stderr
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_run / "final", broken)
+    cut_short(broken / "model.safetensors")
+    for script, args in [("sample.py", [broken]),
+                         ("export_gguf.py", [broken, tmp_path / "y.gguf"])]:
+        out = utility(script, *args)
+        assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+        assert re.search(r"error: .*broken/model.safetensors is damaged or cut short",
+                         out.stderr.splitlines()[-1])
+    assert not (tmp_path / "y.gguf").exists() and not (tmp_path / "y.gguf.tmp").exists()
+    out = utility("sample.py", tmp_path)
+    assert "holds no model: pass a model folder" in out.stderr
