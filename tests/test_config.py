@@ -27,6 +27,7 @@ def test_help_lists_every_config_field_with_its_default_and_comment(capsys):
     assert "presets (--preset=NAME): bori, demo" in out and "\nhardware\n" in out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["bench.py", "plan.py", "sample.py", "export_gguf.py",
                                     "report.py"])
 def test_every_tool_has_help_for_every_flag(script):

@@ -9,6 +9,7 @@ import final
 from helpers import logged
 
 
+@pytest.mark.slow
 def test_the_card_shows_use_hides_local_paths_and_says_what_the_base_was(tiny_run):
     card = (tiny_run / "final" / "README.md").read_text()
     assert "from transformers import AutoModelForCausalLM" in card and "llama-cli -m" in card

@@ -13,6 +13,7 @@ from helpers import ENGLISH, KOREAN, weights
 from hf_io import from_pretrained
 
 
+@pytest.mark.slow
 def test_converted_tokenizer(base_tok, base_dir):
     from gguf import GGUFReader
 
@@ -75,6 +76,7 @@ def test_gguf_f16_export_rounds_only_matrices(tiny_run, tmp_path):
         assert torch.equal(tensors[key], expected), key
 
 
+@pytest.mark.slow
 def test_gguf_q8_0_export_is_named_after_the_run_and_close_to_f16(tiny_run, tmp_path):
     f16, q8 = tmp_path / "f16.gguf", tmp_path / "q8.gguf"
     write_gguf(tiny_run / "final", f16, "f16", "bori-test")

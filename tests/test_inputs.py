@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 import bori
@@ -46,6 +47,7 @@ def test_a_text_field_per_source(tmp_path, tiny_base, capsys):
     assert next(data.iter_texts([f"{ko}#content"])).startswith("한국어 문서")
 
 
+@pytest.mark.slow
 def test_gguf_cache_is_keyed_by_content_and_shared_safely(tiny_run, tmp_path):
     a, b = tmp_path / "a" / "model.gguf", tmp_path / "b" / "model.gguf"
     a.parent.mkdir(), b.parent.mkdir()

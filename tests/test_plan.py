@@ -90,6 +90,7 @@ def test_compile_on_a_t4_is_warned_about(monkeypatch, capsys):
     assert "compile=true on a GPU of compute capability 7.5 (a T4 is 7.5)" in err
 
 
+@pytest.mark.slow
 def test_plan_with_an_unknown_model_is_one_sentence():
     out = subprocess.run([sys.executable, str(ROOT / "plan.py"), "--model", "foo"],
                          capture_output=True, text=True, env=ENV, timeout=120)

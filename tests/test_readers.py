@@ -36,6 +36,7 @@ def test_a_text_field_that_is_not_text_is_said(value, shown, tmp_path, base_tok)
         data.PackedStream(data.Source("ko", str(path)), base_tok, 0).take(100)
 
 
+@pytest.mark.slow
 def test_one_huge_line_stays_bounded_and_round_trips(tmp_path, base_tok):
     """A 3 MB document on one line, .txt and .jsonl: pieces of at most 256 KiB, a token
     buffer far below the document's size, and the same text back."""

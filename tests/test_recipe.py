@@ -23,7 +23,7 @@ import torch
 import bori
 import checkpoint
 import data
-from errors import EXIT_INTERRUPTED
+from errors import EXIT_INTERRUPTED, TrainingStopped
 from gguf_io import read_gguf
 from helpers import (ENV, ROOT, assert_same_run, command, flip_bit, free_port, logged,
                      n_train_records, one_error, process_tree, run_until, send, tiny_flags, weights)
@@ -495,14 +495,41 @@ def test_a_finished_run_keeps_only_what_a_user_needs(tmp_path, tiny_base, fresh)
     assert bori.main(tiny_flags(out, tiny_base, keep_stage_models=False)) == 0  # still finished
 
 
+DEMO_FLAGS = ["--preset=demo", "--steps_1a=2", "--warmup_1a=1", "--decay_1a=1", "--steps_1b=2",
+              "--warmup_1b=1", "--decay_1b=1", "--eval_bytes=1500", "--sample_tokens=4"]
+
+
+@pytest.fixture(scope="module")
+def demo_stages(tmp_path_factory):
+    """The demo preset's tokenizer and init stages (the real base, the reference merge), built
+    once: the run stopped just before Phase 1A, then copied aside (the demo prunes
+    init/model.safetensors when it finishes)."""
+    out = tmp_path_factory.mktemp("demo") / "demo"
+
+    def stop_before_training(*args, **kwargs):
+        raise TrainingStopped("the prepared stages end here")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bori, "run_phase", stop_before_training)
+        assert bori.main([*DEMO_FLAGS, f"--out_dir={out}"]) == EXIT_INTERRUPTED
+    stages = out.parent / "stages"
+    for stage in ("tokenizer", "init"):
+        shutil.copytree(out / stage, stages / stage)
+    shutil.copy(out / "metrics.jsonl", stages / "metrics.jsonl")
+    return out, stages
+
+
+@pytest.fixture(scope="module")
+def demo_run(demo_stages):
+    """The demo preset, shortened, in this process, run on to its end."""
+    out, _ = demo_stages
+    assert bori.main([*DEMO_FLAGS, f"--out_dir={out}"]) == 0
+    return out
+
+
 @pytest.mark.slow
-def test_demo_preset_end_to_end_and_loads_in_transformers(tmp_path):
+def test_demo_preset_end_to_end_and_loads_in_transformers(demo_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    out = tmp_path / "demo"
-    code = bori.main(["--preset=demo", f"--out_dir={out}", "--steps_1a=2", "--warmup_1a=1",
-                      "--decay_1a=1", "--steps_1b=2", "--warmup_1b=1", "--decay_1b=1",
-                      "--eval_bytes=1500", "--sample_tokens=4"])
-    assert code == 0
+    out = demo_run
     hf = AutoModelForCausalLM.from_pretrained(out / "final", dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(out / "final")
     assert hf.config.vocab_size == len(tok) == 58133
@@ -515,13 +542,12 @@ def test_demo_preset_end_to_end_and_loads_in_transformers(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_demo_preset_runs_on_two_processes_as_it_is(tmp_path):
-    out = tmp_path / "demo"
+def test_the_demo_preset_runs_on_two_processes_as_it_is(tmp_path, demo_stages):
+    out = tmp_path / "demo"  # the same settings: the in-process demo's first stages serve
+    shutil.copytree(demo_stages[1], out)
     run = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-         f"--master_port={free_port()}", str(ROOT / "bori.py"), "--preset=demo",
-         f"--out_dir={out}", "--steps_1a=2", "--warmup_1a=1", "--decay_1a=1", "--steps_1b=2",
-         "--warmup_1b=1", "--decay_1b=1", "--eval_bytes=1500", "--sample_tokens=4"],
+         f"--master_port={free_port()}", str(ROOT / "bori.py"), *DEMO_FLAGS, f"--out_dir={out}"],
         env={**ENV, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=1200)
     assert run.returncode == 0, run.stderr[-3000:]
     said = run.stdout + run.stderr

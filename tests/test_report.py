@@ -1,8 +1,10 @@
 """report.py: the plots and the model card of a run, finished or not."""
+import json
 import shutil
 
 import pytest
 
+import report
 from helpers import utility
 
 
@@ -27,3 +29,26 @@ def test_report_says_what_it_wrote_for_a_partial_run_and_a_cut_log(stopped, tiny
     (run / "metrics.jsonl").write_text("\n".join(lines[:3] + ["{oops"] + lines[3:]) + "\n")
     out = utility("report.py", run)
     assert out.returncode == 1 and "metrics.jsonl line 4 is not a JSON record" in out.stderr
+
+
+def test_report_draws_the_plot_of_a_run_in_training_from_its_records(tmp_path, capsys):
+    """In this process, on a run folder made by hand: two phases of two steps, a base line."""
+    phases = [{"name": "1a", "folder": "phase1a", "steps": 2},
+              {"name": "1b", "folder": "phase1b", "steps": 2}]
+    (tmp_path / "config.json").write_text(json.dumps({"lang": "ko", "batch_tokens": 128,
+                                                      "phases": phases}))
+    records = [{"kind": "eval", "phase": "base", "step": 0, "ko_bpb": 2.0, "en_bpb": 1.0}]
+    for phase in ("1a", "1b"):
+        records.append({"kind": "eval", "phase": phase, "step": 0, "ko_bpb": 1.9,
+                        "en_bpb": 1.0, "fp16_peak": [0.1, 0.2]})
+        records += [{"kind": "train", "phase": phase, "step": s, "loss": 3.0 / s, "lr": 1e-3,
+                     "tok_per_s": 100.0, "skipped": False} for s in (1, 2)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    report.main([str(tmp_path)])
+    out = capsys.readouterr().out
+    png = tmp_path / "plots" / "training.png"
+    assert f"wrote {png}\n" in out and "no model card: the run has no final model yet" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit) as stop:  # a model folder passed by mistake
+        report.main([str(tmp_path / "plots")])
+    assert stop.value.code == 2 and "holds no metrics.jsonl" in capsys.readouterr().err

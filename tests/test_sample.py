@@ -5,8 +5,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from tokenizers import Tokenizer
 
+import sample
 from helpers import ROOT, cut_short, utility
+from hf_io import from_pretrained
 
 
 @pytest.mark.slow
@@ -40,3 +44,20 @@ def test_the_utilities_take_a_run_folder_and_name_what_is_wrong(tiny_run, stoppe
     assert not (tmp_path / "y.gguf").exists() and not (tmp_path / "y.gguf.tmp").exists()
     out = utility("sample.py", tmp_path)
     assert "holds no model: pass a model folder" in out.stderr
+
+
+def test_sample_prints_the_greedy_continuation_of_a_model_folder(tiny_base, capsys):
+    """In this process: sample.main on a model folder prints the prompt and the same tokens as
+    model.generate at temperature 0, and the same text again for the same seed."""
+    sample.main([str(tiny_base), "--prompt", "한국어", "--max_tokens", "3", "--temperature", "0"])
+    out = capsys.readouterr().out
+    tok = Tokenizer.from_file(str(tiny_base / "tokenizer.json"))
+    idx = torch.tensor([tok.encode("한국어").ids])
+    expected = from_pretrained(tiny_base).eval().generate(idx, 3, temperature=0, eos_ids=[0, 2])
+    assert out.startswith("한국어" + tok.decode(expected[0, idx.shape[1]:].tolist()) + "\n")
+    assert re.search(r"\[\d+ tokens, [\d.]+ tokens/s\]", out)
+    sampled = []
+    for _ in range(2):
+        sample.main([str(tiny_base), "--prompt", "한국어", "--max_tokens", "4", "--seed", "3"])
+        sampled.append(capsys.readouterr().out.split("\n")[0])
+    assert sampled[0] == sampled[1]
