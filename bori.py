@@ -163,6 +163,7 @@ class Run:
     stop: threading.Event  # set by SIGTERM or Ctrl-C; read at step boundaries and between stages
     phases: list = None  # recipe(cfg), unless given
     corpora: list = None  # sources(cfg), unless given
+    held_out: frozenset = frozenset()  # data.text_key of each held-out example: never trained on
 
     def __post_init__(self):
         self.out = Path(self.cfg.out_dir)
@@ -235,12 +236,12 @@ def setup_phase(run: Run, phase: Phase, start_dir: Path, tok, n_old_rows: int) -
     model = torch.compile(model) if cfg.compile else model
     optimizer = make_optimizer(raw_model, cfg, phase)
     scaler = torch.amp.GradScaler(env.device.type, enabled=run.amp_dtype == torch.float16)
-    streams = {corpus.name: data.training_source(corpus, cfg.eval_bytes, cfg.text_field)
+    streams = {corpus.name: data.training_source(corpus, cfg.text_field)
                for corpus in run.corpora}
     mixture = data.Mixture(streams, data.parse_weights(phase.mix), tok,
                            eos_id=tok.token_to_id(data.EOS_TOKEN), seq_len=cfg.seq_len,
                            batch_size=cfg.micro_batch, seed=phase.seed, rank=env.rank,
-                           world_size=env.world_size)
+                           world_size=env.world_size, held_out=run.held_out)
     training = Training(phase_dir=phase_dir, raw_model=raw_model, model=model,
                         optimizer=optimizer, scaler=scaler, mixture=mixture)
     if ckpt:
@@ -405,6 +406,7 @@ def finish_phase(run: Run, phase: Phase, training: Training, tok, scores: dict) 
             "steps": phase.steps, "tokens": phase.steps * cfg.batch_tokens, **scores,
             "mix": state.mixture.realised(), "epochs": {n: s.epoch for n, s in streams.items()},
             "bad_bytes": {n: s.bad_bytes for n, s in streams.items()},
+            "held_out_left_out": {n: s.left_out for n, s in streams.items()},
             "bad_steps": state.bad_steps})
         for old in state.phase_dir.glob("ckpt-??????"):  # the export holds all (.corrupt stay)
             shutil.rmtree(old)
@@ -439,9 +441,9 @@ def run_all(cfg: Config, env: DistEnv, stop: threading.Event) -> int:
         offsets = {p.name: sum(q.steps for q in phases[:i]) for i, p in enumerate(phases)}
         sink = open_sink(cfg.report_to, out, cfg, phase_offsets=offsets, held=held,
                          is_master=env.is_master)
-        evals = eval_sets(corpora, cfg.eval_bytes, cfg.text_field, env.is_master)
+        evals, held_out = eval_sets(corpora, cfg.eval_bytes, cfg.text_field, env.is_master)
         run = Run(cfg, env, metrics=Metrics(out / "metrics.jsonl", env.is_master, sink),
-                  evals=evals, stop=stop, phases=phases, corpora=corpora)
+                  evals=evals, stop=stop, phases=phases, corpora=corpora, held_out=held_out)
         on_master(env, prepare_model, run)  # base model, tokenizer, expanded model
         n_old_rows = read_json(out / "init" / "DONE.json", f"delete {out / 'init'}")["n_old_rows"]
         micro_batch = plan_for_run(cfg, env, out / "init", run.amp_dtype)

@@ -7,6 +7,7 @@ local files (.txt, .jsonl/.json, .parquet, optionally .gz; a file, folder or glo
 into seq_len + 1 token blocks; each block comes from one source, drawn by weight.
 `python bench.py` measures how fast the packed stream is against what a GPU trains.
 """
+import hashlib
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,7 +74,6 @@ class Source:
     name: str
     path: str  # "hf:dataset[:config[:split]]", or a local file, folder or glob; "#KEY" at the
     text_field: str = "text"  # end of path names the text's JSON key instead of this
-    skip: int = 0  # examples at its start left out: the held-out ones, when it is also eval's
     flag: str = ""  # the option that names it, for messages
 
     def __post_init__(self):
@@ -117,7 +117,6 @@ def open_source(src: Source, rank: int = 0, world_size: int = 1):
         else:  # readers.py: blank-line documents, long ones in pieces, bad bytes counted
             ds = IterableDataset.from_generator(
                 read_local, gen_kwargs={"files": files, "text_field": src.text_field})
-    ds = ds.skip(src.skip) if src.skip else ds  # before the split: the same held-out examples
     # whole shards per rank when their count divides world_size, else every world_size-th example
     return split_dataset_by_node(ds, rank, world_size) if world_size > 1 else ds
 
@@ -140,36 +139,39 @@ def iter_texts(paths: list, text_field: str = "text", progress: bool = False):
         yield from (text for text, _ in iter_pieces(path, text_field, progress))
 
 
-def eval_docs(path: str, max_bytes: int, text_field: str = "text", count: bool = False):
+def text_key(text: str) -> bytes:
+    """What identifies an example's text: a 16-byte BLAKE2b digest (RFC 7693) of its UTF-8.
+    Held-out text is kept out of training by these keys, whatever the source's spelling."""
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+
+
+def eval_docs(path: str, max_bytes: int, text_field: str = "text", keys: bool = False):
     """The first documents of path holding at most max_bytes of UTF-8 (a fixed eval set); with
-    count, also how many of the source's examples they take (a training stream of the same
-    source skips them: held out by construction)."""
-    docs, total, parts, examples = [], 0, [], 0
+    keys, also the text_key of every example they took, which every training stream and the
+    BPE leave out: held out by content, on every rank, however the source is spelled."""
+    docs, total, parts, taken = [], 0, [], set()
     for piece, doc_end in iter_pieces(path, text_field):
         parts.append(piece)
         if not doc_end and sum(map(len, parts)) <= max_bytes:  # chars <= bytes: read on
             continue
-        text, n_parts, parts = "".join(parts), len(parts), []
+        text, pieces, parts = "".join(parts), parts, []
         size = len(text.encode("utf-8"))
         if total + size > max_bytes:
             if not docs:  # a single long document: cut at a character boundary
                 docs.append(text.encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore"))
-                examples += n_parts
+                taken.update(map(text_key, pieces))
             break
         docs.append(text)
-        total, examples = total + size, examples + n_parts
+        total = total + size
+        taken.update(map(text_key, pieces))
     if not docs or not any(d.strip() for d in docs):
         raise ValueError(f"eval source {path!r} has no text")
-    return (docs, examples) if count else docs
+    return (docs, frozenset(taken)) if keys else docs
 
 
-def training_source(corpus: Corpus, eval_bytes: int, text_field: str) -> Source:
-    """The source a corpus trains on. When its held-out set reads the same source, the examples
-    that set took are skipped: held out by construction, not by hope."""
-    skip = 0
-    if corpus.train == corpus.held_out:
-        skip = eval_docs(corpus.train, eval_bytes, text_field, count=True)[1]
-    return Source(corpus.name, corpus.train, text_field, skip=skip, flag=corpus.train_flag)
+def training_source(corpus: Corpus, text_field: str) -> Source:
+    """The source a corpus trains on (what is held out is left out by content: PackedStream)."""
+    return Source(corpus.name, corpus.train, text_field, flag=corpus.train_flag)
 
 # ----------------------------------------------------------------------------------------------
 # Packing and the mixture
@@ -179,13 +181,16 @@ class PackedStream:
     """One source's documents tokenized in batches and joined with EOS into a token buffer."""
 
     def __init__(self, src: Source, tokenizer, eos_id: int, rank=0, world_size=1, batch_docs=64,
-                 batch_chars=2**18):
+                 batch_chars=2**18, held_out: frozenset = frozenset()):
         self.src, self.tokenizer, self.eos_id = src, tokenizer, eos_id
         self.batch_docs, self.batch_chars = batch_docs, batch_chars  # what one refill reads
         self.ds, self.rank = open_source(src, rank, world_size), rank
         self.iterator, self.epoch, self.buffer = None, 0, []
         self.restored = None  # a loaded dataset position, until the stream reads again
-        self.docs = self.bad_bytes = 0
+        # text_keys of the held-out examples: checked on every rank, after the split, so no
+        # rank trains on them whatever share of the source it reads
+        self.held_out = held_out
+        self.docs = self.bad_bytes = self.left_out = 0
 
     def take(self, n: int) -> list:
         """The next n tokens of the stream."""
@@ -207,7 +212,11 @@ class PackedStream:
             except StopIteration:
                 if texts:
                     break
-                if restarted or self.docs == 0:  # going round again would loop forever
+                if self.docs == 0 and self.left_out:  # going round again would loop forever
+                    raise ValueError(f"all of the text of {self.src.path} that this rank reads "
+                                     "is held out for evaluation; give it more documents or "
+                                     "hold out other text (eval_new, eval_en)")
+                if restarted or self.docs == 0:
                     raise ValueError(f"source {self.src.name} ({self.src.path}) has no text for "
                                      "this rank; give it more documents or use fewer ranks")
                 self.epoch, restarted = self.epoch + 1, True  # a small corpus: go round again
@@ -223,6 +232,9 @@ class PackedStream:
                          "skipped (their count is in the phase's DONE.json)")
                 self.bad_bytes += example["bad_bytes"]
             text = text_of(example, self.src)
+            if self.held_out and text_key(text) in self.held_out:
+                self.left_out += 1  # counted in the phase's DONE.json
+                continue
             if text:  # EOS after a document's last piece
                 texts.append((text, example.get("doc_end", True)))
                 size += len(text)
@@ -241,11 +253,12 @@ class PackedStream:
         dataset = self.ds.state_dict() if self.restored is None else self.restored
         # the buffer: tokens read but not yet given out, which a resume must give out first
         return {"dataset": dataset, "epoch": self.epoch, "buffer": list(self.buffer),
-                "docs": self.docs, "bad_bytes": self.bad_bytes}
+                "docs": self.docs, "bad_bytes": self.bad_bytes, "left_out": self.left_out}
 
     def load_state_dict(self, state: dict):
         self.epoch, self.buffer = state["epoch"], list(state["buffer"])
         self.docs, self.bad_bytes = state["docs"], state["bad_bytes"]
+        self.left_out = state.get("left_out", 0)  # absent from a checkpoint of older bori
         self.ds.set_epoch(self.epoch)
         self.ds.load_state_dict(state["dataset"])
         self.iterator, self.restored = None, state["dataset"]
@@ -255,7 +268,8 @@ class Mixture:
     """Batches of (inputs, targets), each block drawn from one source with the given weights."""
 
     def __init__(self, sources: dict, weights: dict, tokenizer, eos_id: int, seq_len: int,
-                 batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+                 batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 held_out: frozenset = frozenset()):
         missing = sorted(set(weights) - set(sources))
         if missing:
             raise ValueError(f"mixture names source(s) {missing} that are not configured; "
@@ -263,7 +277,8 @@ class Mixture:
         self.weights, self.seq_len, self.batch_size = weights, seq_len, batch_size
         self.seed, self.rank, self.blocks = seed, rank, 0
         self.streams = {n: PackedStream(sources[n], tokenizer, eos_id, rank=rank,
-                                        world_size=world_size) for n in weights}
+                                        world_size=world_size, held_out=held_out)
+                        for n in weights}
         self.counts = dict.fromkeys(weights, 0)
 
     def pick(self) -> str:

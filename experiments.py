@@ -51,9 +51,9 @@ def make_run(cfg, out: Path) -> bori.Run:
     # one process, rank 0: the Metrics is enabled, and the stop event is never set
     cfg = dataclasses.replace(cfg, out_dir=str(out))
     out.mkdir(parents=True, exist_ok=True)
-    evals = eval_sets(bori.sources(cfg), cfg.eval_bytes, cfg.text_field)
+    evals, held_out = eval_sets(bori.sources(cfg), cfg.eval_bytes, cfg.text_field)
     return bori.Run(cfg, DistEnv(), metrics=Metrics(out / "metrics.jsonl", True), evals=evals,
-                    stop=threading.Event())
+                    stop=threading.Event(), held_out=held_out)
 
 
 def run_init(cfg, root: Path, init: str, base_dir: Path) -> Path:

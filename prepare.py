@@ -29,21 +29,24 @@ from model import expand_vocab
 # ----------------------------------------------------------------------------------------------
 # The held-out texts and the BPE's training text
 
-def eval_sets(corpora: list, eval_bytes: int, text_field: str, is_master: bool = True) -> dict:
-    """The held-out texts per language (corpora: bori.sources(cfg)): the first eval_bytes of
-    each corpus's held-out source."""
+def eval_sets(corpora: list, eval_bytes: int, text_field: str, is_master: bool = True) -> tuple:
+    """(the held-out texts per language, the text_keys of every example they took): the first
+    eval_bytes of each corpus's held-out source (corpora: bori.sources(cfg))."""
     # The first documents, the same on every run and rank: a fixed set, so a resumed run and
-    # the base line are scored on identical text. Where training reads the same source (English
-    # defaults to the replay's fineweb-edu), data.training_source skips exactly these documents.
-    evals = {}
+    # the base line are scored on identical text. Every training stream and the BPE leave out
+    # examples with these keys (English defaults to the replay's own fineweb-edu): held out by
+    # content on every rank, whichever source holds them and however its path is spelled.
+    evals, keys = {}, set()
     for corpus in corpora:
         with about(corpus.held_out_flag):
-            evals[corpus.name] = data.eval_docs(corpus.held_out, eval_bytes, text_field)
+            evals[corpus.name], taken = data.eval_docs(corpus.held_out, eval_bytes, text_field,
+                                                       keys=True)
+        keys |= taken
         size = sum(len(t.encode()) for t in evals[corpus.name])
         if size < eval_bytes * 0.9 and is_master:  # 10%: a document boundary's slack
             warn(f"--{corpus.held_out_flag} holds only {size:,} of the {eval_bytes:,} bytes "
                  "asked for (eval_bytes): its bits per byte are measured on less text")
-    return evals
+    return evals, frozenset(keys)
 
 
 def bpe_training_text(run):
@@ -55,6 +58,8 @@ def bpe_training_text(run):
         for text in data.iter_texts([path], cfg.text_field, progress=True):
             # reading 100 MB from the hub takes a while: a SIGTERM stops it here, not after
             run.check_stop("the tokenizer was trained")
+            if data.text_key(text) in run.held_out:  # the BPE never sees held-out text either
+                continue
             raw = text.encode("utf-8")
             if cfg.tokenizer_bytes and total + len(raw) >= cfg.tokenizer_bytes:  # cut the last
                 # the limit holds inside one huge document too; a character the cut splits

@@ -3,6 +3,8 @@ and bad input."""
 import gzip
 import io
 import json
+import os
+from types import SimpleNamespace
 import re
 
 import pytest
@@ -203,19 +205,96 @@ def test_resume_at_every_batch_twice_over_equals_the_stream_across_an_epoch_wrap
         assert got == expected, rank
 
 
-def test_a_source_that_is_also_eval_skips_the_held_out_documents(tmp_path, base_tok):
+def write_source(folder, kind: str, n_files: int, texts: list):
+    """texts spread round-robin over n_files local files of kind jsonl or parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    folder.mkdir(parents=True)
+    for f in range(n_files):
+        part = texts[f::n_files]
+        if kind == "parquet":
+            pq.write_table(pa.table({"text": part}), folder / f"part-{f}.parquet")
+        else:
+            (folder / f"part-{f}.jsonl").write_text("".join(
+                json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in part))
+    return str(folder)
+
+
+class TextIds:
+    """A stand-in tokenizer: each text is one token, its index in texts; what a stream's
+    buffer holds then names exactly the texts it trained on."""
+
+    def __init__(self, texts: list):
+        self.ids = {t: i for i, t in enumerate(texts)}
+
+    def encode_batch_fast(self, texts: list, add_special_tokens: bool):
+        return [SimpleNamespace(ids=[self.ids[t]]) for t in texts]
+
+    encode_batch = encode_batch_fast
+
+
+def rank_texts(src: data.Source, texts: list, rank: int, world_size: int,
+               held_out: frozenset) -> list:
+    """Every text one rank's stream trains on in its first pass over its share of the source."""
+    stream = data.PackedStream(src, TextIds(texts), -1, rank=rank, world_size=world_size,
+                               held_out=held_out)
+    while stream.epoch == 0:
+        stream._refill()  # one batch of documents; a second pass starts when the first ends
+        if stream.epoch == 0:
+            first_pass = [texts[i] for i in stream.buffer if i >= 0]
+    return first_pass
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "parquet"])
+@pytest.mark.parametrize("n_files", [1, 2, 4])
+def test_held_out_text_reaches_no_rank_of_a_source_that_is_also_eval(tmp_path, kind, n_files):
+    """The seed's English: eval_en is data_en. With 4 files on 2 ranks, datasets splits by file,
+    and a count of examples skipped before the split left 5 of 11 held-out documents in rank
+    0's share; by content, none is trained on at 1, 2 or 3 processes, and nothing else is lost."""
+    texts = [f"document {i}: " + "words of text " * (3 + i % 5) for i in range(48)]
+    path = write_source(tmp_path / "src", kind, n_files, texts)
+    held, keys = data.eval_docs(path, 600, keys=True)
+    assert 5 <= len(held) < len(texts) and len(keys) == len(held)
+    src = data.Source("en", path)
+    for world_size in (1, 2, 3):
+        shares = [rank_texts(src, texts, r, world_size, keys) for r in range(world_size)]
+        trained = [t for share in shares for t in share]
+        assert not set(held) & set(trained), (world_size, n_files)
+        # the ranks' shares are disjoint and, with the held-out text, cover the source
+        assert sorted(trained + held) == sorted(texts), (world_size, n_files)
+    # without the keys, rank 0 of 1 trains on the held-out documents too: the check can fail
+    assert set(held) <= set(rank_texts(src, texts, 0, 1, frozenset()))
+
+
+def test_held_out_text_is_left_out_however_the_source_is_spelled(tmp_path, base_tok):
+    """DIR/./x.jsonl, a relative path, a symlink and x.jsonl#text name one file: the held-out
+    documents are left out by their text, so no spelling lets them into training."""
     texts = [f"문서 {i}: " + "가나다 " * (5 + i) for i in range(20)]
     path = tmp_path / "one.jsonl"
     path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts))
-    held = data.eval_docs(str(path), 200)
-    source = data.training_source(data.Corpus("ko", str(path), str(path), "data_new", "eval_new"),
-                                  eval_bytes=200, text_field="text")
-    assert source.skip == len(held) > 0
-    stream = data.PackedStream(source, base_tok, 0)
-    first = stream.take(5)
-    assert first == base_tok.encode(texts[len(held)]).ids[:5]  # the first not held out
-    other = data.Corpus("ko", str(path), "other.jsonl", "data_new", "eval_new")
-    assert data.training_source(other, eval_bytes=200, text_field="text").skip == 0
+    (tmp_path / "link.jsonl").symlink_to(path)
+    held, keys = data.eval_docs(str(path), 200, keys=True)
+    assert 0 < len(held) < len(texts)
+    relative = os.path.relpath(path)
+    for spelling in (str(tmp_path / "." / "one.jsonl"), relative, str(tmp_path / "link.jsonl"),
+                     f"{path}#text"):
+        corpus = data.Corpus("ko", spelling, str(path), "data_new", "eval_new")
+        stream = data.PackedStream(data.training_source(corpus, "text"), base_tok, 0,
+                                   held_out=keys)
+        first = stream.take(5)
+        assert first == base_tok.encode(texts[len(held)]).ids[:5], spelling  # first not held
+        assert stream.left_out == len(held), spelling
+
+
+def test_a_source_held_out_entirely_is_one_sentence(tmp_path, base_tok):
+    path = tmp_path / "one.jsonl"
+    path.write_text(json.dumps({"text": "한 문서뿐입니다."}, ensure_ascii=False) + "\n")
+    _, keys = data.eval_docs(str(path), 10_000, keys=True)
+    stream = data.PackedStream(data.Source("ko", str(path), flag="data_new"), base_tok, 0,
+                               held_out=keys)
+    with pytest.raises(ValueError, match=r"--data_new: all of the text of .*one.jsonl that this "
+                       r"rank reads is held out for evaluation"):
+        stream.take(10)
 
 
 def test_warnings_a_user_needs(tmp_path, base_tok, capsys):
@@ -227,6 +306,7 @@ def test_warnings_a_user_needs(tmp_path, base_tok, capsys):
     assert "warning: --data_new (" in capsys.readouterr().err  # read round again
     import prepare
     cfg = bori.Config(eval_new=str(path), eval_en=str(path))
-    prepare.eval_sets(bori.sources(cfg), eval_bytes=10_000, text_field="text")
+    evals, keys = prepare.eval_sets(bori.sources(cfg), eval_bytes=10_000, text_field="text")
+    assert evals["ko"] == evals["en"] and len(keys) == 3
     assert re.search(r"warning: --eval_new holds only \d+ of the 10,000 bytes asked for",
                      capsys.readouterr().err)
