@@ -98,11 +98,21 @@ def parse_flags(cls, argv: list, renamed: dict) -> dict:
                              "--key=true); python bori.py --help lists them all")
         key = renamed.get(key, key)  # data_ko/eval_ko/script: commands from before --lang
         if key not in known:  # a typo fails here, not as a silently ignored option
-            close = difflib.get_close_matches(key, known, n=1)
-            raise ValueError(f"unknown option --{key}"
-                             + (f"; did you mean --{close[0]}?" if close else ""))
+            raise ValueError(f"unknown option --{key}{suggestion(key, known)}")
         flags[key] = value
     return flags
+
+
+def suggestion(key: str, known: list, flag: str = "--") -> str:
+    """'; did you mean --X?' for an unknown key, or ''. data_ja / eval_vi name a language the
+    way data_en does, but a run has one new language and its text is data_new / eval_new: the
+    closest spelling (data_en) would be the wrong fix."""
+    kind, _, code = key.partition("_")
+    if kind in ("data", "eval") and code != "en" and code.isalpha() and len(code) in (2, 3):
+        return (f"; did you mean {flag}{kind}_new? (the new language's text; {flag}lang={code} "
+                f"or {flag}preset=demo-{code} / bori-{code} names the language)")
+    close = difflib.get_close_matches(key, known, n=1)
+    return f"; did you mean {flag}{close[0]}?" if close else ""
 
 
 def read_toml(cls, path: Path, renamed: dict) -> dict:
@@ -119,7 +129,8 @@ def read_toml(cls, path: Path, renamed: dict) -> dict:
         if key == "preset":
             continue  # load_config applies it first
         if key not in known:
-            raise ValueError(f"unknown key {key!r} in {path}")
+            raise ValueError(f"unknown key {key!r} in {path}"
+                             + suggestion(key, list(known), flag=""))
         want = known[key].type  # bool is an int in Python, and TOML true is no number
         # TOML's `lr = 1` is an int; a float field takes it, as Python's float(1) would
         if isinstance(value, bool) != (want is bool) or not isinstance(value, want) and not (
@@ -162,6 +173,8 @@ def load_config(cls, presets: dict, argv: list, renamed: dict = None):
     known = {f.name: f for f in fields(cls)}
     # only flags are text; TOML values arrived typed and read_toml has checked them
     values.update({k: parse_value(known[k], v) for k, v in flags.items()})
+    if values.get("out_dir", "").startswith("~"):  # as a shell would: a folder named "~" is
+        values["out_dir"] = str(Path(values["out_dir"]).expanduser())  # no one's wish
     return cls(**values)
 
 
@@ -205,10 +218,12 @@ def validate(cfg, phases: list, corpora: list, world_size: int):
         raise ValueError(f"seq_len must be >= 1 and micro_batch >= 0 (0: the largest that "
                          f"fits); got seq_len={cfg.seq_len}, micro_batch={cfg.micro_batch}")
     per_step = max(cfg.micro_batch, 1) * cfg.seq_len * world_size
-    if cfg.batch_tokens % per_step:
+    if cfg.batch_tokens % per_step or cfg.batch_tokens < per_step:  # 0 is a multiple, of nothing
         # the nearest multiple, so the error names a value that works (STYLE's example)
         good = max(1, round(cfg.batch_tokens / max(per_step, 1))) * per_step
-        raise ValueError(f"batch_tokens={cfg.batch_tokens} is not a multiple of {per_step} "
+        what = ("is less than one micro-batch on each process" if cfg.batch_tokens < per_step
+                else "is not a multiple of")
+        raise ValueError(f"batch_tokens={cfg.batch_tokens} {what} {per_step} "
                          f"(micro_batch*seq_len*world_size); try batch_tokens={good}")
     for phase in phases:
         steps, warm, dec = phase.steps, phase.warmup, phase.decay
@@ -217,6 +232,7 @@ def validate(cfg, phases: list, corpora: list, world_size: int):
             raise ValueError(f"phase {phase.name}: need steps >= 1, decay >= 1 and warmup + "
                              f"decay <= steps (got steps {steps}, warmup {warm}, decay {dec})")
         data.parse_weights(phase.mix)  # a malformed mix fails now, not when its phase starts
+    check_out_dir(cfg, corpora)
     for ok, message in value_checks(cfg, phases):
         if not ok:
             raise ValueError(message)
@@ -231,6 +247,21 @@ def validate(cfg, phases: list, corpora: list, world_size: int):
             raise ValueError(f"mix_{phase.name}={phase.mix!r} names {sorted(unknown)}; the "
                              f"sources are {sorted(names)} (--lang={cfg.lang} names the new "
                              f"language's; {hint})")
+
+
+def check_out_dir(cfg, corpora: list):
+    """out_dir must not lie inside a local data folder: bori's own files (metrics.jsonl, the
+    tokenizer's JSON) would be read back as text of the run."""
+    out = Path(cfg.out_dir).expanduser().resolve()
+    specs = {c.train_flag: c.train for c in corpora} | {c.held_out_flag: c.held_out
+                                                        for c in corpora}
+    for flag, spec in {**specs, "tokenizer_data": cfg.tokenizer_data}.items():
+        folder = Path(spec.split("#")[0]).expanduser() if spec and not spec.startswith("hf:") \
+            else None
+        if folder is not None and folder.is_dir() and out.is_relative_to(folder.resolve()):
+            raise ValueError(f"out_dir={cfg.out_dir} is inside --{flag}={spec}, whose files "
+                             "are read as text: bori's own files would become training data; "
+                             "choose an out_dir outside it")
 
 
 def value_checks(cfg, phases: list) -> list:
@@ -259,6 +290,9 @@ def value_checks(cfg, phases: list) -> list:
     checks += [(finite and all(p.lr > 0 for p in phases), "learning rates must be finite and > 0"),
                (finite and cfg.grad_clip > 0, "grad_clip must be finite and > 0"),
                (0 <= cfg.weight_decay, "weight_decay must be finite and >= 0"),
+               # a negative decay grows the embedding every step instead of shrinking it
+               (math.isfinite(cfg.embed_weight_decay) and cfg.embed_weight_decay >= 0,
+                "embed_weight_decay must be finite and >= 0"),
                # beta = 1 makes AdamW's bias correction 1 - beta^t zero, a division by zero
                (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1, "beta1 and beta2 must be in [0, 1)"),
                (cfg.peak_tflops > 0 and cfg.gpu_gib >= 0, "peak_tflops must be > 0, gpu_gib >= 0"),

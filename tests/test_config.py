@@ -129,6 +129,12 @@ def file_as_out_dir(tmp_path, base):
     return tiny_flags(tmp_path / "afile", base)
 
 
+def out_dir_in_data(tmp_path, base):
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "ko.jsonl").write_text('{"text": "한국어 문서"}\n')
+    return tiny_flags(tmp_path / "corpus" / "out", base, data_ko=tmp_path / "corpus")
+
+
 def toml(content: str):
     def build(tmp_path, base):
         (tmp_path / "run.toml").write_text(content)
@@ -163,6 +169,18 @@ BAD_INPUTS = {  # name: (argv builder, the sentence expected)
     "seq_len too long": (flags(seq_len=1024, batch_tokens=2048),
                          r"seq_len=1024 exceeds the base model's 512 positions"),
     "bad batch": (flags(batch_tokens=100), r"batch_tokens=100 is not a multiple of 64"),
+    "no batch": (flags(batch_tokens=0),
+                 r"batch_tokens=0 is less than one micro-batch on each process 64 .*; try "
+                 r"batch_tokens=64"),
+    "negative embedding decay": (flags(embed_weight_decay=-0.1),
+                                 r"embed_weight_decay must be finite and >= 0"),
+    "out_dir inside the data": (out_dir_in_data,
+                                r"out_dir=.*corpus/out is inside --data_new=.*corpus, whose files "
+                                r"are read as text"),
+    "a language's data flag": (extra("--data_ja=ja.jsonl"),
+                               r"unknown option --data_ja; did you mean --data_new\? \(the new "
+                               r"language's text; --lang=ja"),
+    "TOML typo": (toml("seq_lenn = 5\n"), r"unknown key 'seq_lenn' in .*; did you mean seq_len\?"),
     "zero weight": (flags(mix_1b="ko=0.9,en=0"), r"every source needs a weight > 0"),
     "config file key": (toml("lr = 0.1\n"), r"unknown key 'lr' in"),
     "infinite lr": (flags(lr_1a="inf"), r"learning rates must be finite and > 0"),
@@ -202,3 +220,10 @@ def test_bad_input_is_one_clear_sentence(case, tmp_path, tiny_base, capsys):
     assert re.search(message, lines[0]), lines[0]
     if case in REFUSED_BEFORE_WRITING:  # checked before anything was written
         assert not (tmp_path / "out" / "config.json").exists()
+        assert not (tmp_path / "corpus" / "out").exists()
+
+
+def test_out_dir_with_a_tilde_is_the_home_folder(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = config.load_config(bori.Config, bori.PRESETS, ["--out_dir=~/runs/x"], bori.RENAMED)
+    assert cfg.out_dir == str(tmp_path / "runs" / "x")
