@@ -110,7 +110,7 @@ class Config:
     gguf_type: str = "f16"  # final.gguf: f16 | q8_0 | f32
     keep_stage_models: bool = False  # keep init/ and phase*/ models after the final export
     max_bad_steps: int = 10  # consecutive non-finite steps before the run stops
-    max_hours: float = 0.0  # stop cleanly, with a checkpoint, after this long (0: no limit)
+    max_hours: float = 0.0  # stop cleanly, with a checkpoint, this long after the command began
     stop_after_steps: int = 0  # stop cleanly after this many steps in this invocation
     seed: int = 1337
     debug: bool = False  # show tracebacks
@@ -164,6 +164,10 @@ class Run:
     phases: list = None  # recipe(cfg), unless given
     corpora: list = None  # sources(cfg), unless given
     held_out: frozenset = frozenset()  # data.text_key of each held-out example: never trained on
+    # the invocation's budget (max_hours, stop_after_steps) spans every stage and phase: a Kaggle
+    # session of 12 hours must stop before it ends whichever phase it is in
+    started: float = dataclasses.field(default_factory=time.time)  # when the command began
+    steps_taken: int = 0  # optimizer steps this invocation, over all phases
 
     def __post_init__(self):
         self.out = Path(self.cfg.out_dir)
@@ -311,11 +315,13 @@ def train_step(run: Run, training: Training, batches: list):
     return loss_sum.item(), float(grad_norm), skipped
 
 
-def stop_requested(run: Run, training: Training, start_step: int, started: float) -> bool:
-    """A signal, max_hours or stop_after_steps, on any rank: then every rank stops."""
+def stop_requested(run: Run) -> bool:
+    """A signal, max_hours or stop_after_steps (both for the whole invocation), on any rank:
+    then every rank stops."""
     cfg = run.cfg
-    local = (run.stop.is_set() or (cfg.max_hours and time.time() - started > cfg.max_hours * 3600)
-             or (cfg.stop_after_steps and training.step - start_step >= cfg.stop_after_steps))
+    local = (run.stop.is_set()
+             or (cfg.max_hours and time.time() - run.started > cfg.max_hours * 3600)
+             or (cfg.stop_after_steps and run.steps_taken >= cfg.stop_after_steps))
     return all_sum([float(bool(local))], run.env.device)[0] > 0
 
 
@@ -325,7 +331,7 @@ def train(run: Run, phase: Phase, training: Training, tok) -> dict:
     accum = grad_accum(cfg, env.world_size)
     n_params = sum(p.numel() for p in state.raw_model.parameters())
     flops = flops_per_token(state.raw_model.cfg, n_params, cfg.seq_len)
-    start_step, started = state.step, time.time()
+    start_step = state.step
     later = sum(p.steps for p in run.phases[run.phases.index(phase) + 1:])  # the run's ETA
     with Progress(run.metrics, phase=phase.name, steps=phase.steps, step=state.step,
                   log_every=cfg.log_every, show=env.is_master, later_steps=later,
@@ -343,7 +349,7 @@ def train(run: Run, phase: Phase, training: Training, tok) -> dict:
             if state.step == phase.steps:
                 return scores
             # save or stop; never save inside a streak of non-finite steps (keep a good one)
-            stop = stop_requested(run, state, start_step, started)
+            stop = stop_requested(run)
             if state.step > start_step and (stop or state.bad_steps == 0
                                             and state.step % cfg.ckpt_every == 0):
                 save(run, state)
@@ -369,6 +375,7 @@ def train(run: Run, phase: Phase, training: Training, tok) -> dict:
                     f"lr_{phase.name} (now {phase.lr}) or check the data, then run the same "
                     "command")
             state.step += 1
+            run.steps_taken += 1
             # log: the loss averaged over ranks, tokens/s and MFU of this step
             tok_s = cfg.batch_tokens / max(time.time() - step_started, 1e-9)
             mfu = tok_s * flops / (cfg.peak_tflops * 1e12 * env.world_size)  # of a T4: GPUs only
@@ -430,7 +437,7 @@ def run_phase(run: Run, phase: Phase, start_dir: Path, tok, n_old_rows: int) -> 
 # The whole run
 
 
-def run_all(cfg: Config, env: DistEnv, stop: threading.Event) -> int:
+def run_all(cfg: Config, env: DistEnv, stop: threading.Event, started: float) -> int:
     """config check -> tokenizer -> init -> the phases -> final; a finished stage is skipped."""
     out, phases, corpora = Path(cfg.out_dir), recipe(cfg), sources(cfg)
     with ExitStack() as held:  # rank 0 holds out_dir's lock until the run ends
@@ -443,7 +450,8 @@ def run_all(cfg: Config, env: DistEnv, stop: threading.Event) -> int:
                          is_master=env.is_master)
         evals, held_out = eval_sets(corpora, cfg.eval_bytes, cfg.text_field, env.is_master)
         run = Run(cfg, env, metrics=Metrics(out / "metrics.jsonl", env.is_master, sink),
-                  evals=evals, stop=stop, phases=phases, corpora=corpora, held_out=held_out)
+                  evals=evals, stop=stop, phases=phases, corpora=corpora, held_out=held_out,
+                  started=started)
         on_master(env, prepare_model, run)  # base model, tokenizer, expanded model
         n_old_rows = read_json(out / "init" / "DONE.json", f"delete {out / 'init'}")["n_old_rows"]
         micro_batch = plan_for_run(cfg, env, out / "init", run.amp_dtype)
@@ -465,6 +473,7 @@ def main(argv=None) -> int:
         print(help_text(Config, PRESETS, __doc__))
         return 0
     debug, launch = False, launched()  # torchrun's rank and process count, before any group
+    started = time.time()  # max_hours counts from here: every stage spends the same budget
     try:
         debug = parse_flags(Config, argv, RENAMED).get("debug", "").lower() == "true"
         cfg = load_config(Config, PRESETS, argv, RENAMED)
@@ -477,7 +486,7 @@ def main(argv=None) -> int:
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
         env = setup_distributed(cfg.device)
         torch.manual_seed(cfg.seed)
-        return run_all(cfg, env, stop)
+        return run_all(cfg, env, stop, started)
     except (Exception, KeyboardInterrupt) as e:
         if debug and not isinstance(e, (TrainingStopped, PeerStopped)):
             raise

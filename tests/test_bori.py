@@ -2,6 +2,7 @@
 phase, and main()'s flags."""
 import math
 import re
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -12,6 +13,7 @@ import bori
 import data
 import model as model_module
 from distributed import DistEnv, autocast
+from errors import EXIT_INTERRUPTED
 from helpers import logged, one_error, tiny_flags, weights
 from model import Llama, preset
 from schedule import lr_at
@@ -81,6 +83,32 @@ def test_resuming_with_fewer_steps_than_the_checkpoint_is_refused(stopped, tiny_
     assert bori.main(tiny_flags(stopped, tiny_base, steps_1a=3)) == 2
     assert re.search(r"ckpt-000004 is at step 4, past steps_1a=3; use steps_1a>=4, or delete "
                      r".*phase1a to train the phase again", one_error(capsys))
+
+
+@pytest.mark.slow
+def test_stop_after_steps_counts_the_whole_invocation_across_phases(stopped, tiny_base):
+    """stopped: Phase 1A (6 steps) stopped at step 4. Four more steps in one invocation are
+    1A's 5 and 6 and 1B's 1 and 2: the count does not start again with Phase 1B."""
+    assert bori.main(tiny_flags(stopped, tiny_base, stop_after_steps=4)) == EXIT_INTERRUPTED
+    assert (stopped / "phase1a" / "DONE.json").is_file()
+    assert [p.name for p in sorted((stopped / "phase1b").glob("ckpt-*"))] == ["ckpt-000002"]
+
+
+@pytest.mark.slow
+def test_max_hours_counts_from_the_start_of_the_command(monkeypatch, tmp_path, tiny_base,
+                                                       fresh, capsys):
+    """The stages before training spend the same budget: a prepare that takes 4 s of a
+    3-second max_hours leaves nothing for Phase 1A, which stops before its first step."""
+    original = bori.prepare_model
+
+    def slow_prepare(run):
+        original(run)
+        time.sleep(4)
+    monkeypatch.setattr(bori, "prepare_model", slow_prepare)
+    out = fresh(tmp_path / "run")
+    assert bori.main(tiny_flags(out, tiny_base, max_hours=3 / 3600)) == EXIT_INTERRUPTED
+    assert "stopped at phase 1a step 0" in capsys.readouterr().err
+    assert not list((out / "phase1a").glob("ckpt-*"))
 
 
 def poison_loss(monkeypatch, calls: set, value=float("inf")):
