@@ -13,6 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from atomic import disk_errors, lock_dir, read_json, write_json
+from data import parse_weights
 from distributed import autocast
 
 
@@ -30,16 +31,24 @@ def saved_config(path: Path, hint: str) -> dict:
 
 def fixed_by_stage(phases: list) -> dict:
     """{stage folder: the settings its output was made from}. Once a stage has written state,
-    changing one of them would make that state meaningless (or, for the held-out texts, make the
-    base-vs-final table compare other texts). The first training phase fixes the batch and the
-    data streams: every later phase takes its streams over where it stopped."""
-    return {
-        "tokenizer": ("base", "lang", "data_new", "text_field", "new_tokens", "unicode_script",
-                      "tokenizer_data", "tokenizer_bytes"),
-        "init": ("init", "eval_new", "eval_en", "eval_bytes"),
-        phases[0].folder: ("data_en", "pad_vocab_to", "seq_len", "micro_batch", "batch_tokens",
-                           *[f"mix_{p.name}" for p in phases], "new_rows_only", "seed"),
+    changing one of them would make that state meaningless (or, for the held-out texts, make
+    the base-vs-final table compare other texts); a setting no stage with state has used stays
+    free, so the fix an error suggests (another --data_en before Phase 1B reads it) is taken."""
+    fixed = {
+        "tokenizer": ["base", "lang", "data_new", "text_field", "new_tokens", "unicode_script",
+                      "tokenizer_data", "tokenizer_bytes"],
+        "init": ["init", "eval_new", "eval_en", "eval_bytes"],
+        # the batch's shape and the streams' seeds: every later phase takes the streams over
+        phases[0].folder: ["pad_vocab_to", "seq_len", "micro_batch", "batch_tokens",
+                           "new_rows_only", "seed"],
     }
+    english_read = False
+    for phase in phases:
+        fixed.setdefault(phase.folder, []).append(f"mix_{phase.name}")
+        if "en" in parse_weights(phase.mix) and not english_read:  # the replay's first reader
+            fixed[phase.folder].append("data_en")
+            english_read = True
+    return fixed
 
 
 # What a finished run may be run again with: settings that change no result
@@ -62,15 +71,19 @@ def check_resume(cfg, phases: list, out: Path, world_size: int) -> bool:
     now = asdict(cfg)
     if (out / "final.gguf").is_file():
         changed = [k for k in now if k not in NO_RESULT and k in saved and saved[k] != now[k]]
-        what = "a finished run made"
+        what, why = "a finished run made", ""
     else:
-        changed = [k for stage, keys in fixed_by_stage(phases).items()
-                   if has_state(out / stage) for k in keys if k in saved and saved[k] != now[k]]
+        used = {k: stage for stage, keys in fixed_by_stage(phases).items()
+                if has_state(out / stage) for k in keys}
+        changed = [k for k in used if k in saved and saved[k] != now[k]]
+        stages = sorted({used[k] for k in changed})
         what = "a run started"
+        why = (f", which its {' and '.join(stages)} stage{'s' * (len(stages) > 1)} used and "
+               "keep state made from")
     if changed:
         diff = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed)
-        raise ValueError(f"{out} holds {what} with other settings ({diff}); use a new out_dir "
-                         "or the original values")
+        raise ValueError(f"{out} holds {what} with other settings ({diff}){why}; use a new "
+                         "out_dir or the original values")
     # data streams and checkpoints are per rank: another process count cannot resume them
     if has_state(out / phases[0].folder) and saved.get("world_size", world_size) != world_size:
         raise ValueError(f"{out} was started with {saved['world_size']} processes; resume it "

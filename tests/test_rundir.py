@@ -12,6 +12,7 @@ import pytest
 
 import bori
 import checkpoint
+import data
 from errors import EXIT_INTERRUPTED
 from helpers import ENV, command, cut_short, flip_bit, n_train_records, one_error, tiny_flags
 
@@ -63,6 +64,19 @@ def test_changing_the_held_out_text_mid_run_is_refused(stopped, tiny_base, capsy
     assert bori.main(tiny_flags(stopped, tiny_base, eval_bytes=1000)) == 2
     assert re.search(r"holds a run started with other settings \(eval_bytes: 1500 -> 1000\)",
                      one_error(capsys))
+
+
+@pytest.mark.slow
+def test_a_setting_is_fixed_only_by_a_stage_that_used_it(stopped, tiny_base, capsys):
+    """stopped is in Phase 1A, which reads no English: the fix an English error suggests
+    (PATH#KEY, another file) is taken; a setting Phase 1A used is refused, naming it."""
+    english = f"{data.BUNDLED['en_train']}#text"
+    assert bori.main(tiny_flags(stopped, tiny_base, data_en=english, mix_1b="ko=0.8,en=0.2",
+                                stop_after_steps=1)) == EXIT_INTERRUPTED
+    assert bori.main(tiny_flags(stopped, tiny_base, data_en=english, mix_1b="ko=0.8,en=0.2",
+                                seq_len=64)) == 2
+    assert re.search(r"other settings \(seq_len: 32 -> 64\), which its phase1a stage used and "
+                     r"keep state made from; use a new out_dir", one_error(capsys))
 
 
 @pytest.mark.slow
