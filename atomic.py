@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import socket
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -43,7 +44,9 @@ def atomic_file(dest: Path):
     """Yield a temporary path to write dest's content to; it becomes dest if the block ends
     without an error and is removed if it raises."""
     dest = Path(dest)
-    tmp = tmp_path(dest)
+    # a name of this writer's own: two writers of one file (report.py beside a run's last
+    # stage) each replace dest whole, instead of renaming each other's half-written file
+    tmp = dest.with_name(f"{dest.name}.{os.getpid()}-{threading.get_ident()}.tmp")
     try:
         yield tmp
         with open(tmp, "rb+") as f:  # data on disk before the rename, else a crash can leave

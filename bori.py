@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import tokenizer
-from atomic import read_json
+from atomic import atomic_file, disk_errors, read_json
 from checkpoint import (export_folder, latest_checkpoint, load_checkpoint, read_done,
                         save_checkpoint, set_aside_damaged, take_over_streams, write_done)
 from config import (PRESETS, fit_micro_batch, grad_accum, help_text, load_config, parse_flags,
@@ -399,7 +399,9 @@ def finish_phase(run: Run, phase: Phase, training: Training, tok, scores: dict) 
             f"from {latest_checkpoint(state.phase_dir) or 'its start'} (delete "
             f"{state.phase_dir} to start the phase over)")
     # where each rank's streams stopped: the next phase reads on from there (no text twice)
-    torch.save(state.mixture.state_dict(), state.phase_dir / f"data-rank{env.rank}.pt")
+    handover = state.phase_dir / f"data-rank{env.rank}.pt"
+    with disk_errors(handover), atomic_file(handover) as tmp:  # whole, or a sentence
+        torch.save(state.mixture.state_dict(), tmp)
     barrier()
     if env.is_master:
         prompts = [p for p in cfg.sample_prompts.split("|") if p]

@@ -20,7 +20,7 @@ def test_metrics_after_a_kill_mid_record_keep_every_whole_record_up_to_the_check
     path.write_text("".join(json.dumps(r) + "\n" for r in rec) + '{"kind": "train", "pha')
     runlog.Metrics(path, True).truncate_after("1a", 2)  # resuming from step 2
     assert [json.loads(line) for line in path.read_text().splitlines()] == rec[:2]
-    assert not (tmp_path / "metrics.jsonl.tmp").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]  # no temporary left
 
 
 def test_a_layer_near_the_fp16_limit_is_warned_about(tmp_path, capsys):
