@@ -41,6 +41,19 @@ def at_least(low: float, kind=float):
     return parse
 
 
+def prompt_ids(tok, prompt: str, max_seq_len: int, max_tokens: int) -> list:
+    """The prompt's ids, as generation can take them: an empty prompt starts from EOS, where
+    every training document starts (SmolLM2 has no BOS); a prompt too long for the context
+    keeps its last tokens, leaving room for max_tokens new ones (and says so)."""
+    ids = tok.encode(prompt).ids or [tok.token_to_id(EOS_TOKEN)]
+    room = max(max_seq_len - max_tokens, 1)
+    if len(ids) > room:
+        print(f"(the prompt's {len(ids):,} tokens and {max_tokens:,} new ones pass the model's "
+              f"{max_seq_len:,} positions: it continues from the prompt's last {room:,} tokens)")
+        ids = ids[-room:]
+    return ids
+
+
 def main(argv=None):
     """Load the model and its tokenizer, then print each prompt's continuation and speed."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -69,7 +82,8 @@ def main(argv=None):
     eos = [i for i in (tok.token_to_id(EOS_TOKEN), tok.token_to_id("<|im_end|>")) if i is not None]
     # Korean shows what was learned, English what the 10% replay kept
     for prompt in args.prompt or ["대한민국의 수도는", "The capital of France is"]:
-        idx = torch.tensor([tok.encode(prompt).ids], device=device)
+        idx = torch.tensor([prompt_ids(tok, prompt, model.cfg.max_seq_len, args.max_tokens)],
+                           device=device)
         t0 = time.perf_counter()  # the prompt's pass included: what a user waits for
         out = model.generate(idx, args.max_tokens, temperature=args.temperature,
                              top_k=args.top_k, top_p=args.top_p, eos_ids=eos, generator=gen)

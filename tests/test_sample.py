@@ -61,3 +61,19 @@ def test_sample_prints_the_greedy_continuation_of_a_model_folder(tiny_base, caps
         sample.main([str(tiny_base), "--prompt", "한국어", "--max_tokens", "4", "--seed", "3"])
         sampled.append(capsys.readouterr().out.split("\n")[0])
     assert sampled[0] == sampled[1]
+
+
+def test_an_empty_or_too_long_prompt_still_generates(tiny_base, capsys):
+    """An empty prompt starts from EOS (a document's start); one longer than the context keeps
+    its last tokens, leaving room for the new ones, and says so: never a traceback."""
+    tok = Tokenizer.from_file(str(tiny_base / "tokenizer.json"))
+    eos = tok.token_to_id("<|endoftext|>")
+    assert sample.prompt_ids(tok, "", 512, 8) == [eos]
+    long = "한국어 문장입니다. " * 400  # thousands of tokens; the tiny base has 512 positions
+    ids = sample.prompt_ids(tok, long, 512, 8)
+    assert ids == tok.encode(long).ids[-504:]
+    assert "it continues from the prompt's last 504 tokens" in capsys.readouterr().out
+    for prompt in ("", long):
+        sample.main([str(tiny_base), "--prompt", prompt, "--max_tokens", "8", "--temperature",
+                     "0"])
+        assert re.search(r"\[\d+ tokens, [\d.]+ tokens/s\]", capsys.readouterr().out)
