@@ -13,7 +13,7 @@ from pathlib import Path
 
 from atomic import atomic_file, disk_errors
 from gguf_io import write_gguf
-from hf_io import model_folder
+from hf_io import model_folder, tokenizer_folder
 
 
 def main(argv=None):
@@ -26,9 +26,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         folder = model_folder(args.folder)
+        tok_dir = tokenizer_folder(folder)  # read before writing: a missing file is not a write
         # written whole or not at all: a killed export leaves no half file for llama.cpp
         with disk_errors(args.out), atomic_file(Path(args.out)) as tmp:
-            write_gguf(folder, tmp, args.dtype, args.name)
+            write_gguf(folder, tmp, args.dtype, args.name, tok_dir=tok_dir)
         print(f"wrote {args.out} from {folder}")
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")

@@ -205,7 +205,7 @@ def tokenizer_fields(folder: Path) -> dict:
     return {"tokens": tokens, "types": types, "merges": merges}
 
 
-def write_gguf(folder, out, dtype: str = "f16", name: str = "") -> Path:
+def write_gguf(folder, out, dtype: str = "f16", name: str = "", tok_dir=None) -> Path:
     """Write folder's weights and tokenizer to out (GGUF, llama architecture): matrices in
     dtype (f16, f32, or q8_0 by the gguf package's own quantiser), norms in f32."""
     folder, out = Path(folder), Path(out)
@@ -213,7 +213,8 @@ def write_gguf(folder, out, dtype: str = "f16", name: str = "") -> Path:
         raise FileNotFoundError(f"{folder} has no config.json: pass an exported model folder")
     hf = json.loads((folder / "config.json").read_text())
     cfg = config_from_hf(hf)  # the one reader of Hugging Face's config names
-    tok = tokenizer_fields(folder)
+    tok_dir = Path(tok_dir or folder)  # a checkpoint's tokenizer is its run's (tokenizer_folder)
+    tok = tokenizer_fields(tok_dir)
     if len(tok["tokens"]) != cfg.vocab_size:
         raise ValueError(f"{folder}: the tokenizer has {len(tok['tokens'])} tokens, config.json "
                          f"{cfg.vocab_size}; llama.cpp needs them equal")
@@ -240,7 +241,7 @@ def write_gguf(folder, out, dtype: str = "f16", name: str = "") -> Path:
         if isinstance(hf.get(key), int):
             add(hf[key])
     w.add_add_bos_token(False)  # SmolLM2 was pre-trained without BOS: documents follow an EOS
-    tok_cfg = folder / "tokenizer_config.json"
+    tok_cfg = tok_dir / "tokenizer_config.json"
     if tok_cfg.is_file() and "chat_template" in json.loads(tok_cfg.read_text()):
         w.add_chat_template(json.loads(tok_cfg.read_text())["chat_template"])
     for tensor_name, tensor in sorted(read_safetensors(folder).items()):

@@ -124,6 +124,16 @@ def model_folder(path) -> Path:
                             "and model.safetensors) or a bori run folder")
 
 
+def tokenizer_folder(folder: Path) -> Path:
+    """The folder holding a model's tokenizer.json: its own, or for a checkpoint (which holds
+    weights only: RUN/phase*/ckpt-N) its run's merged tokenizer, two levels up."""
+    for candidate in (folder, folder.parent.parent / "tokenizer"):
+        if (candidate / "tokenizer.json").is_file():
+            return candidate
+    raise FileNotFoundError(f"no tokenizer.json in {folder} or its run's tokenizer/ folder; "
+                            "pass a model folder that bori exported")
+
+
 def from_pretrained(path, pad_vocab_to: int = 1) -> Llama:
     """Load a Hugging Face Llama folder strictly: every tensor present, every shape right."""
     path = Path(path)

@@ -17,17 +17,7 @@ import torch
 from tokenizers import Tokenizer
 
 from data import EOS_TOKEN
-from hf_io import from_pretrained, model_folder
-
-
-def find_tokenizer(folder: Path) -> Path:
-    """The folder's own tokenizer.json, or for a checkpoint its run's merged tokenizer."""
-    # a checkpoint (RUN/phase*/ckpt-N) holds weights only; RUN/tokenizer is two levels up
-    for candidate in (folder, folder.parent.parent / "tokenizer"):
-        if (candidate / "tokenizer.json").is_file():
-            return candidate / "tokenizer.json"
-    raise FileNotFoundError(f"no tokenizer.json in {folder} or its run's tokenizer/ folder; "
-                            "pass a model folder that bori exported")
+from hf_io import from_pretrained, model_folder, tokenizer_folder
 
 
 def at_least(low: float, kind=float):
@@ -70,7 +60,7 @@ def main(argv=None):
         folder = model_folder(args.folder)
         if folder != Path(args.folder):
             print(f"model: {folder}")
-        tok = Tokenizer.from_file(str(find_tokenizer(folder)))
+        tok = Tokenizer.from_file(str(tokenizer_folder(folder) / "tokenizer.json"))
         model = from_pretrained(folder)
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")

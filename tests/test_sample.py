@@ -9,7 +9,8 @@ import torch
 from tokenizers import Tokenizer
 
 import sample
-from helpers import ROOT, cut_short, utility
+from gguf_io import read_gguf
+from helpers import ROOT, cut_short, utility, weights
 from hf_io import from_pretrained
 
 
@@ -32,6 +33,13 @@ def test_the_utilities_take_a_run_folder_and_name_what_is_wrong(tiny_run, stoppe
     assert out.returncode == 2 and "argument --max_tokens: -5 is below 1" in out.stderr
     out = utility("export_gguf.py", tiny_run, tmp_path / "x.gguf", "--dtype", "f32")
     assert out.returncode == 0 and (tmp_path / "x.gguf").stat().st_size > 1_000_000, out.stderr
+    # a run still in Phase 1A: its newest checkpoint, with the run's merged tokenizer
+    out = utility("export_gguf.py", stopped, tmp_path / "c.gguf", "--dtype", "f32")
+    assert out.returncode == 0 and "phase1a/ckpt-000004" in out.stdout, out.stderr
+    _, tensors, meta = read_gguf(tmp_path / "c.gguf")
+    ckpt = weights(stopped / "phase1a" / "ckpt-000004")
+    assert torch.equal(tensors["model.embed_tokens.weight"], ckpt["model.embed_tokens.weight"])
+    assert len(meta["tokenizer.ggml.tokens"]) == 49152 + 300
     broken = tmp_path / "broken"
     shutil.copytree(tiny_run / "final", broken)
     cut_short(broken / "model.safetensors")
