@@ -448,8 +448,10 @@ def run_all(cfg: Config, env: DistEnv, stop: threading.Event, started: float) ->
             return on_master(env, summary, out) or 0
         # TensorBoard/W&B's x axis runs on across phases: each starts after the steps before
         offsets = {p.name: sum(q.steps for q in phases[:i]) for i, p in enumerate(phases)}
-        sink = open_sink(cfg.report_to, out, cfg, phase_offsets=offsets, held=held,
-                         is_master=env.is_master)
+        # on rank 0 only, with every rank told if it fails (a missing W&B package under
+        # torchrun is rank 0's sentence, not a lost-connection traceback on the others)
+        sink = on_master(env, functools.partial(open_sink, cfg.report_to, out, cfg,
+                                                phase_offsets=offsets, held=held, is_master=True))
         evals, held_out = eval_sets(corpora, cfg.eval_bytes, cfg.text_field, env.is_master)
         run = Run(cfg, env, metrics=Metrics(out / "metrics.jsonl", env.is_master, sink),
                   evals=evals, stop=stop, phases=phases, corpora=corpora, held_out=held_out,

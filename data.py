@@ -17,7 +17,7 @@ from datasets import IterableDataset, load_dataset
 from datasets.distributed import split_dataset_by_node
 from tqdm import tqdm
 
-from errors import about, warn
+from errors import CorpusError, about, warn
 from readers import field_text, file_kind, local_files, read_local
 
 ROOT = Path(__file__).resolve().parent
@@ -212,13 +212,16 @@ class PackedStream:
             except StopIteration:
                 if texts:
                     break
+                # this rank's share alone: a CorpusError, which this rank says (bori's
+                # next_batches), while the others stop quietly
                 if self.docs == 0 and self.left_out:  # going round again would loop forever
-                    raise ValueError(f"all of the text of {self.src.path} that this rank reads "
-                                     "is held out for evaluation; give it more documents or "
-                                     "hold out other text (eval_new, eval_en)")
+                    raise CorpusError(f"all of the text of {self.src.path} that this rank reads "
+                                      "is held out for evaluation; give it more documents or "
+                                      "hold out other text (eval_new, eval_en)")
                 if restarted or self.docs == 0:
-                    raise ValueError(f"source {self.src.name} ({self.src.path}) has no text for "
-                                     "this rank; give it more documents or use fewer ranks")
+                    raise CorpusError(f"source {self.src.name} ({self.src.path}) has no text "
+                                      f"for rank {self.rank}; give it more documents (at least "
+                                      "one per process) or use fewer processes")
                 self.epoch, restarted = self.epoch + 1, True  # a small corpus: go round again
                 if self.rank == 0:
                     warn(f"--{self.src.flag or self.src.name} ({self.src.path}) is read to its "

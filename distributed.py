@@ -94,12 +94,13 @@ def stop_on_signals() -> threading.Event:
 
 
 def on_master(env: DistEnv, work, *args):
-    """work(*args) on rank 0 while the others wait. If it fails there, every rank stops: rank 0
-    with its sentence, the others quietly (or as interrupted, if rank 0 was)."""
-    error = None
+    """work(*args) on rank 0 while the others wait; its result on rank 0, None elsewhere. If
+    it fails there, every rank stops: rank 0 with its sentence, the others quietly (or as
+    interrupted, if rank 0 was)."""
+    error = result = None
     if env.is_master:
         try:
-            work(*args)
+            result = work(*args)
         except Exception as e:  # handed on below, on every rank
             error = e
     # A collective every rank reaches: the others learn now that rank 0 failed, rather than
@@ -110,6 +111,7 @@ def on_master(env: DistEnv, work, *args):
         raise error
     if code:
         raise TrainingStopped("rank 0 stopped") if code == 2 else PeerStopped()
+    return result
 
 
 def autocast(dtype: str, device: torch.device):

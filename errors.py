@@ -70,7 +70,9 @@ def exit_code(e: BaseException, rank: int) -> int:
     if isinstance(e, torch.cuda.OutOfMemoryError):
         print(f"error: {OOM_FIX}", file=sys.stderr)
         return EXIT_OOM
-    if isinstance(e, dist.DistError):  # a collective failed: another rank died first
+    # a collective failed: another rank died first (gloo says so as a plain RuntimeError)
+    if isinstance(e, dist.DistError) or isinstance(e, RuntimeError) and (
+            "Connection closed by peer" in str(e) or "Connection reset by peer" in str(e)):
         print(f"error: rank {rank} lost the other processes ({str(e).splitlines()[0][:120]}); "
               "the first failing rank's message says why", file=sys.stderr)
         return EXIT_ERROR

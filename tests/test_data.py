@@ -155,7 +155,7 @@ def test_invalid_utf8_bytes_are_counted_and_skipped(tmp_path, base_tok, capsys):
 
 @pytest.mark.parametrize("content, spec, message", [
     (None, "missing/*.jsonl", "matches no files"),
-    (b"", "empty.jsonl", "has no text for this rank"),
+    (b"", "empty.jsonl", "has no text for rank 0"),
     (b'{"content": "x"}\n', "nofield.jsonl", "line 1 has no text field 'text'"),
     (b'{"text": "a"}\n{"text": \n', "broken.jsonl", "line 2 is not valid JSON"),
     (b"\x1f\x8b", "shard.parquet.gz", "holds gzipped parquet, which cannot be streamed; gunzip"),

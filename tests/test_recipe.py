@@ -156,6 +156,34 @@ def test_under_torchrun_only_the_rank_that_knows_says_why(tmp_path, tiny_base, f
     assert f'File "{ROOT}' not in two.stderr  # no traceback through bori: torchrun's own only
 
 
+@pytest.mark.slow
+def test_under_torchrun_a_rank_s_own_failure_is_its_one_sentence(tmp_path, tiny_base, fresh):
+    """Two classes on 2 gloo processes: a --report_to package missing (rank 0 opens the sink)
+    and a source with fewer documents than processes (rank 1 alone has none of it). Each is
+    one sentence from the rank that knows; the other rank exits quietly, with no traceback
+    through bori (torchrun prints its own summary of the failed workers)."""
+    fake = tmp_path / "no_wandb" / "wandb"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('No module named wandb')\n")
+    one_doc = tmp_path / "one.jsonl"
+    one_doc.write_text('{"text": "The only English document."}\n')
+    cases = [
+        (dict(report_to="wandb"), {"PYTHONPATH": str(fake.parent)},
+         r"error: report_to=wandb needs the wandb package: pip install wandb"),
+        (dict(data_en=one_doc, mix_1a="ko=0.5,en=0.5"), {},
+         r"error: --data_en: source en \(.*one.jsonl\) has no text for rank 1; give it more "
+         r"documents \(at least one per process\)"),
+    ]
+    for n, (flags, env, message) in enumerate(cases):
+        out = fresh(tmp_path / f"run{n}")
+        run = subprocess.run(command(out, tiny_base, 2, **flags), env={**ENV, **env},
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode != 0, run.stderr[-3000:]
+        assert run.stderr.count("error: ") == 1, run.stderr[-3000:]
+        assert re.search(message, run.stderr), run.stderr[-3000:]
+        assert f'File "{ROOT}' not in run.stderr  # no traceback through bori: torchrun's own only
+
+
 def limit_file_size(limit: int):
     def apply():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
