@@ -8,10 +8,11 @@ longer than PIECE_BYTES comes in pieces (each example says whether it ends its d
 import glob
 import gzip
 import json
+import unicodedata
 import zlib
 from pathlib import Path
 
-from errors import CorpusError
+from errors import CorpusError, warn
 
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 PIECE_BYTES = 2**18  # 256 KiB of text at most per example
@@ -60,21 +61,52 @@ def check_head(file: str, head: bytes):
 
 
 def check_readable(spec: str, field: str):
-    """Every local file of a data path opens and starts as UTF-8 text, a JSON-lines one with
-    the text field in its first record (checked before a run writes anything; a file damaged
-    further in is caught when it is reached)."""
+    """Every local file of a data path opens and starts as UTF-8 text holding some text, a
+    JSON-lines one with the text field in its first record, a parquet one with it among its
+    columns (checked before a run writes anything; a file damaged further in is caught when it
+    is reached). Text not in NFC is read as it is, with a warning."""
     for file in local_files(spec):
         if file_kind(file) == ".parquet":
+            check_parquet_columns(file, field, spec)
             continue
         with open_text(file) as f:
             head = f.read(4096)  # the same 4 KiB that lines() checks when training reads it
             check_head(file, head)
+            # a file of blank lines: read on only while it is blank, to its first text
+            if not head.strip() and not any(chunk.strip() for chunk in iter(
+                    lambda: f.read(2**20), b"")):
+                raise CorpusError(f"{file} holds no text (only blank lines or spaces); fill it "
+                                  "or leave it out of the data path")
+            text = head[:whole_chars_length(head)].decode("utf-8", errors="ignore")
+            if not unicodedata.is_normalized("NFC", text):
+                warn(f"{file} is not in Unicode NFC (its Hangul or accents are decomposed, as "
+                     "macOS writes file names); bori reads it as it is, and its tokens differ "
+                     f"from NFC text's: normalise it, e.g. uconv -x any-nfc {file}")
             if file_kind(file) in (".json", ".jsonl"):
                 f.seek(0)
                 first = next((line for line in f if line.strip()), None)
                 if first is not None:
                     # the UTF-8 byte-order mark, which some Windows editors write, goes first
-                    json_text(decode(first.removeprefix(b"\xef\xbb\xbf"))[0], field, file, 1)
+                    line = decode(first.removeprefix(b"\xef\xbb\xbf"))[0]
+                    if line.lstrip().startswith("["):
+                        raise CorpusError(
+                            f"{file} is a JSON array, not JSON lines (one object per line); "
+                            f"convert it, e.g. jq -c '.[]' {file} > {Path(file).stem}.jsonl")
+                    json_text(line, field, file, 1)
+
+
+def check_parquet_columns(file: str, field: str, spec: str):
+    """A parquet file's columns, read from its footer alone: the text field must be one."""
+    import pyarrow.parquet as pq  # comes with datasets; only local parquet needs it here
+    try:
+        columns = pq.ParquetFile(file).schema_arrow.names
+    except Exception as e:  # pyarrow's own error types: a cut or non-parquet file
+        raise CorpusError(f"{file} is not a readable parquet file ({e}); download it again or "
+                          "leave it out of the data path") from None
+    if field not in columns:
+        hint = f"{spec}#{columns[0]}" if columns else f"{spec}#KEY"
+        raise CorpusError(f"{file} has no text column {field!r} (it has {sorted(columns)}); "
+                          f"name the column that holds the text after the path, e.g. {hint}")
 
 
 def open_text(file: str):

@@ -135,6 +135,13 @@ def out_dir_in_data(tmp_path, base):
     return tiny_flags(tmp_path / "corpus" / "out", base, data_ko=tmp_path / "corpus")
 
 
+def english_parquet_without_text(tmp_path, base):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"content": ["An English document."] * 4}), tmp_path / "en.parquet")
+    return tiny_flags(tmp_path / "out", base, data_en=tmp_path / "en.parquet")
+
+
 def toml(content: str):
     def build(tmp_path, base):
         (tmp_path / "run.toml").write_text(content)
@@ -159,7 +166,7 @@ BAD_INPUTS = {  # name: (argv builder, the sentence expected)
     "other tokenizer": (base_with("other_tokenizer"),
                         r"is not a byte-level BPE with <\|endoftext\|>"),
     "missing corpus": (flags(data_ko="/no/such/*.jsonl"), r"matches no files"),
-    "empty corpus": (corpus(""), r"tokenizer data .* has no text"),
+    "empty corpus": (corpus(""), r"--data_new: .*corpus.jsonl holds no text \(only blank lines"),
     "no text field": (corpus('{"body": "한국어"}\n'),
                       r"line 1 has no text field 'text' \(it has \['body'\]\)"),
     "unknown preset": (extra("--preset=huge"), r"unknown preset 'huge'; choose one of"),
@@ -180,6 +187,9 @@ BAD_INPUTS = {  # name: (argv builder, the sentence expected)
     "a language's data flag": (extra("--data_ja=ja.jsonl"),
                                r"unknown option --data_ja; did you mean --data_new\? \(the new "
                                r"language's text; --lang=ja"),
+    "English parquet without its text column": (
+        english_parquet_without_text,
+        r"--data_en: .*en.parquet has no text column 'text' \(it has \['content'\]\)"),
     "TOML typo": (toml("seq_lenn = 5\n"), r"unknown key 'seq_lenn' in .*; did you mean seq_len\?"),
     "zero weight": (flags(mix_1b="ko=0.9,en=0"), r"every source needs a weight > 0"),
     "config file key": (toml("lr = 0.1\n"), r"unknown key 'lr' in"),
@@ -206,7 +216,7 @@ BAD_INPUTS = {  # name: (argv builder, the sentence expected)
 
 REFUSED_BEFORE_WRITING = [k for k in BAD_INPUTS if k not in (
     "no config.json", "missing tensor", "wrong shape",
-    "tokenizer vs model", "other tokenizer", "empty corpus", "no text field", "seq_len too long",
+    "tokenizer vs model", "other tokenizer", "no text field", "seq_len too long",
     "missing base")]
 
 

@@ -2,11 +2,14 @@
 not text, one huge line."""
 import json
 import re
+import unicodedata
 
 import pytest
 
 import bori
 import data
+import readers
+from errors import CorpusError
 from helpers import one_error, tiny_flags
 
 
@@ -58,3 +61,30 @@ def test_one_huge_line_stays_bounded_and_round_trips(tmp_path, base_tok):
         first_doc = tokens[:tokens.index(0)]
         assert base_tok.decode(first_doc) == doc
         assert peak < 600_000 and len(first_doc) > 1_500_000, (peak, len(first_doc))
+
+
+def test_what_check_readable_refuses_before_any_stage(tmp_path, capsys):
+    """Each file of a source is opened and its first records read before the first stage: a
+    parquet file without the text column, a JSON array, a file of blank lines; NFD text is read
+    as it is, with a warning."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"content": ["한국어 문서"]}), tmp_path / "a.parquet")
+    with pytest.raises(CorpusError, match=r"a.parquet has no text column 'text' \(it has "
+                       r"\['content'\]\); name the column .* e.g. \S*a.parquet#content"):
+        readers.check_readable(str(tmp_path / "a.parquet"), "text")
+    readers.check_readable(str(tmp_path / "a.parquet"), "content")  # the named column is fine
+    (tmp_path / "b.json").write_text('[\n  {"text": "한국어"},\n  {"text": "문서"}\n]\n')
+    with pytest.raises(CorpusError, match=r"b.json is a JSON array, not JSON lines \(one object "
+                       r"per line\); convert it, e.g. jq -c '.\[\]' "):
+        readers.check_readable(str(tmp_path / "b.json"), "text")
+    (tmp_path / "c.txt").write_text("\n" * 5000 + "   \n")
+    with pytest.raises(CorpusError, match=r"c.txt holds no text \(only blank lines or spaces\)"):
+        readers.check_readable(str(tmp_path / "c.txt"), "text")
+    nfd = unicodedata.normalize("NFD", "한국어 문서입니다.\n")
+    (tmp_path / "d.txt").write_text(nfd)
+    readers.check_readable(str(tmp_path / "d.txt"), "text")
+    assert "d.txt is not in Unicode NFC" in capsys.readouterr().err
+    (tmp_path / "e.txt").write_text(unicodedata.normalize("NFC", nfd))
+    readers.check_readable(str(tmp_path / "e.txt"), "text")
+    assert "NFC" not in capsys.readouterr().err
