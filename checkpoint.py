@@ -21,6 +21,10 @@ from distributed import barrier
 from hf_io import save_pretrained
 
 
+# 2: every checkpoint has a manifest.json (1: bori before manifests, which wrote none)
+CHECKPOINT_FORMAT = 2
+
+
 def rng_state(device) -> dict:
     """The RNG states a bit-exact resume needs: torch's, Python's and this GPU's."""
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
@@ -56,7 +60,8 @@ def save_checkpoint(phase_dir: Path, raw_model, optimizer, scaler, trainer: dict
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             # GradScaler's scale and growth count: without them a resume restarts at 2**16 and
             # skips steps on overflow while it backs off, and no longer matches the unbroken run
-            torch.save({**trainer, "scaler": scaler.state_dict()}, tmp / "trainer.pt")
+            torch.save({**trainer, "scaler": scaler.state_dict(), "format": CHECKPOINT_FORMAT},
+                       tmp / "trainer.pt")
         barrier()
         if rank == 0:  # last, once every rank's file is there: the proof of a whole checkpoint
             (tmp / MANIFEST).write_text(json.dumps(folder_digest(tmp)))
@@ -84,9 +89,15 @@ def latest_checkpoint(phase_dir: Path):
 
 
 def checkpoint_damage(ckpt: Path) -> str:
-    """'' when a checkpoint's files match its manifest, else what is wrong."""
+    """'' when a checkpoint's files match its manifest, else what is wrong. A checkpoint
+    without a manifest is whole only if trainer.pt says it was written before manifests (no
+    "format" field): decided by what the checkpoint says of itself, not by what is missing."""
     if not (ckpt / MANIFEST).is_file():
-        return ""  # written by bori before manifests: nothing to check it against
+        try:
+            written = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=True)
+        except Exception as e:  # cut short or not a torch file: pickle and zip errors alike
+            return f"its trainer.pt is unreadable ({str(e).splitlines()[0][:100]})"
+        return f"its {MANIFEST} is missing" if written.get("format", 1) >= 2 else ""
     try:
         files = json.loads((ckpt / MANIFEST).read_text())
     except (OSError, ValueError) as e:
@@ -121,6 +132,7 @@ def load_checkpoint(ckpt: Path, optimizer, scaler, mixture, rank: int, device) -
     optimizer.load_state_dict(state)
     trainer = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=True)
     scaler_state = trainer.pop("scaler")
+    trainer.pop("format", None)  # what the checkpoint is, not a counter
     if scaler_state:  # empty from an fp32 run: an fp16 run resuming it starts a fresh scale
         scaler.load_state_dict(scaler_state)
     trainer.setdefault("applied", trainer["step"])  # bori before counters saved only the step

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from atomic import atomic_file, disk_errors
 from gguf_io import write_gguf
+from checkpoint import checkpoint_damage
 from hf_io import model_folder, tokenizer_folder
 
 
@@ -26,6 +27,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         folder = model_folder(args.folder)
+        if folder.name.startswith("ckpt-") and (problem := checkpoint_damage(folder)):
+            raise ValueError(f"checkpoint {folder} is damaged ({problem}); pass an older "
+                             "checkpoint or a model folder")
         tok_dir = tokenizer_folder(folder)  # read before writing: a missing file is not a write
         # written whole or not at all: a killed export leaves no half file for llama.cpp
         with disk_errors(args.out), atomic_file(Path(args.out)) as tmp:

@@ -17,6 +17,7 @@ import torch
 from tokenizers import Tokenizer
 
 from data import EOS_TOKEN
+from checkpoint import checkpoint_damage
 from hf_io import from_pretrained, model_folder, tokenizer_folder
 
 
@@ -60,6 +61,9 @@ def main(argv=None):
         folder = model_folder(args.folder)
         if folder != Path(args.folder):
             print(f"model: {folder}")
+        if folder.name.startswith("ckpt-") and (problem := checkpoint_damage(folder)):
+            raise ValueError(f"checkpoint {folder} is damaged ({problem}); pass an older "
+                             "checkpoint or a model folder")
         tok = Tokenizer.from_file(str(tokenizer_folder(folder) / "tokenizer.json"))
         model = from_pretrained(folder)
     except (OSError, ValueError) as e:

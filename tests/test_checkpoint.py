@@ -4,8 +4,10 @@ import re
 import shutil
 
 import pytest
+import torch
 
 import bori
+import checkpoint
 from helpers import ROOT, flip_bit, one_error, tiny_flags
 
 
@@ -18,6 +20,22 @@ def test_no_whole_checkpoint_left_is_one_sentence(stopped, tiny_base, capsys):
     assert re.search(r"every checkpoint in .*phase1a is damaged \(moved to ckpt-000004.corrupt, "
                      r"ckpt-000002.corrupt\); delete .*phase1a to start the phase over",
                      one_error(capsys))
+
+
+@pytest.mark.slow
+def test_a_checkpoint_without_its_manifest_is_damaged_unless_it_predates_manifests(stopped):
+    """Decided by the format trainer.pt records, not by the manifest's absence: a lost
+    manifest.json is damage; a checkpoint of bori before manifests (no format) is whole."""
+    newest = stopped / "phase1a" / "ckpt-000004"
+    assert checkpoint.checkpoint_damage(newest) == ""
+    (newest / "manifest.json").unlink()
+    assert checkpoint.checkpoint_damage(newest) == "its manifest.json is missing"
+    trainer = torch.load(newest / "trainer.pt", weights_only=True)
+    assert trainer.pop("format") == 2
+    torch.save(trainer, newest / "trainer.pt")  # as bori before manifests wrote it
+    assert checkpoint.checkpoint_damage(newest) == ""
+    (newest / "trainer.pt").write_bytes(b"cut")
+    assert "its trainer.pt is unreadable" in checkpoint.checkpoint_damage(newest)
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ from tokenizers import Tokenizer
 
 import sample
 from gguf_io import read_gguf
-from helpers import ROOT, cut_short, utility, weights
+from helpers import ROOT, cut_short, flip_bit, utility, weights
 from hf_io import from_pretrained
 
 
@@ -40,6 +40,13 @@ def test_the_utilities_take_a_run_folder_and_name_what_is_wrong(tiny_run, stoppe
     ckpt = weights(stopped / "phase1a" / "ckpt-000004")
     assert torch.equal(tensors["model.embed_tokens.weight"], ckpt["model.embed_tokens.weight"])
     assert len(meta["tokenizer.ggml.tokens"]) == 49152 + 300
+    # a checkpoint whose files no longer match its manifest is refused by both, naming it
+    flip_bit(stopped / "phase1a" / "ckpt-000004" / "optimizer.pt")
+    for script, args in [("sample.py", [stopped]), ("export_gguf.py", [stopped, tmp_path / "d"])]:
+        out = utility(script, *args)
+        assert out.returncode == 1 and re.search(
+            r"error: checkpoint .*ckpt-000004 is damaged \(optimizer.pt differs from what was "
+            r"written", out.stderr), out.stderr
     broken = tmp_path / "broken"
     shutil.copytree(tiny_run / "final", broken)
     cut_short(broken / "model.safetensors")
