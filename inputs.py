@@ -71,8 +71,12 @@ def check_base(base_dir: Path, seq_len: int):
         raise ValueError(f"the base tokenizer in {base_dir} is not a byte-level BPE with "
                          f"{EOS_TOKEN} as its document separator (SmolLM2's kind), which "
                          "the tokenizer merge and the packing need; use a SmolLM/SmolLM2 base")
-    max_pos = read_json(base_dir / "config.json", "replace the base model's folder").get(
-        "max_position_embeddings", seq_len)
+    config = read_json(base_dir / "config.json", "replace the base model's folder")
+    n_tokens, n_rows = max(full_vocab(tok).values()) + 1, config.get("vocab_size", 0)
+    if n_tokens > n_rows:  # more rows than tokens is padding (stage_init drops it); fewer, never
+        raise ValueError(f"{base_dir}: tokenizer.json has {n_tokens} tokens but the model only "
+                         f"{n_rows} rows; they do not belong together")
+    max_pos = config.get("max_position_embeddings", seq_len)
     if seq_len > max_pos:  # past them RoPE meets angles the base never trained on
         raise ValueError(f"seq_len={seq_len} exceeds the base model's {max_pos} positions; "
                          f"use seq_len<={max_pos}")
@@ -86,7 +90,7 @@ def check_merged_tokenizer(base_dir: Path, base_tok, n_rows: int, tok_dir: Path,
                          f"the model only {n_rows} rows; they do not belong together")
     # EEVE pieces are base ids: on another base the new rows would be means of unrelated rows,
     # and nothing downstream would fail, so the vocabulary's fingerprint is compared here
-    if (emap["base_vocab_size"] != n_rows or emap["base_fingerprint"] !=
+    if (emap["base_vocab_size"] != base_tok.get_vocab_size() or emap["base_fingerprint"] !=
             fingerprint(json.loads(base_tok.to_str()))):
         raise ValueError(f"the merged tokenizer in {tok_dir} was built on another base than "
                          f"{base_dir}; delete {tok_dir} (or use a new out_dir) to rebuild it")
@@ -148,6 +152,9 @@ def check_sources(cfg, corpora: list):
         specs |= {corpus.train_flag: corpus.train, corpus.held_out_flag: corpus.held_out}
     specs["tokenizer_data"] = cfg.tokenizer_data
     check_hub(specs)
+    base = Path(cfg.base).expanduser()
+    if base.is_dir():  # a local folder costs nothing to check now; a GGUF or hub id is resolved
+        check_base(base, cfg.seq_len)  # (converted, fetched) by the first stage, checked there
     # Only each file's first bytes (readers.check_readable): UTF-16, a wrong JSON key or a
     # missing file fails in seconds, before any stage has read a corpus or written a file.
     for flag, spec in specs.items():

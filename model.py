@@ -331,6 +331,26 @@ def expand_vocab(model: Llama, pieces: list, init: str = "eeve", seed: int = 0):
     return model
 
 
+def drop_padding_rows(model: Llama, n: int) -> Llama:
+    """Keep the first n rows of the embedding (and of an untied head): a base padded past its
+    tokenizer's n tokens has rows no token reaches, and the merged tokenizer numbers its new
+    tokens from n on, so expand_vocab must append its rows there."""
+    cfg = model.cfg
+    if n >= cfg.vocab_size:
+        return model
+    new = dataclasses.replace(cfg, vocab_size=n)
+    for name in ("embed_tokens", "lm_head") if not cfg.tie_embeddings else ("embed_tokens",):
+        old = getattr(model, name).weight.detach()
+        weight = torch.zeros(new.padded_vocab_size, cfg.dim, dtype=old.dtype, device=old.device)
+        weight[:n] = old[:n]
+        getattr(model, name).weight = nn.Parameter(weight)
+    model.cfg = new
+    if new.tie_embeddings:  # a new Parameter: the tie is made again, as in expand_vocab
+        model.lm_head.weight = model.embed_tokens.weight
+    model.embed_tokens.num_embeddings = model.lm_head.out_features = new.padded_vocab_size
+    return model
+
+
 def flops_per_token(cfg: ModelConfig, n_params: int, seq_len: int) -> float:
     """Training FLOPs per token, 6N + 12·L·H·Q·T (PaLM, Chowdhery et al. 2022, appendix B)."""
     return 6 * n_params + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len

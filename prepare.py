@@ -23,7 +23,7 @@ from errors import about, warn
 from evaluate import evaluate, print_tokenizer_report, tokenizer_report
 from hf_io import from_pretrained
 from inputs import OFFLINE_BASE, check_base, check_merged_tokenizer, resolve_base
-from model import expand_vocab
+from model import drop_padding_rows, expand_vocab
 
 
 # ----------------------------------------------------------------------------------------------
@@ -123,6 +123,7 @@ def stage_init(run, base_dir: Path):
     print("base model: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()), flush=True)
     # each new row: the mean of its base pieces' rows (EEVE); with SmolLM2's tied head it is
     # the token's output row as well
+    drop_padding_rows(base, emap["base_vocab_size"])  # a padded base: new ids follow its tokens
     expand_vocab(base, emap["pieces"], cfg.init, cfg.seed)
     export_folder(base, tok_dir, init_dir)
     write_done(init_dir, {"base_bpb": scores, "n_old_rows": emap["base_vocab_size"],

@@ -1,6 +1,7 @@
 """prepare.py: the stages before training: the BPE's training text and the EEVE-initialised
 model."""
 import json
+import shutil
 import threading
 from types import SimpleNamespace
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 import bori
-from helpers import weights
+from helpers import tiny_flags, weights
 
 
 def test_tokenizer_bytes_is_honoured_inside_a_document(tmp_path):
@@ -50,3 +51,35 @@ def test_eeve_rows_are_the_mean_of_their_pieces(tiny_run, tiny_base):
     for i, pieces in enumerate(emap["pieces"]):
         expected = base[pieces].double().mean(0).float()
         assert torch.allclose(init[49152 + i], expected, atol=1e-7), i
+
+
+@pytest.mark.slow
+def test_a_padded_base_gets_its_new_rows_after_its_tokens(tmp_path, tiny_base, prepared,
+                                                          monkeypatch):
+    """A base with 64 rows past its tokenizer's 49,152 tokens (padding no token reaches): the
+    merged tokenizer numbers its new tokens from 49,152, so the init stage drops the padding
+    and appends the new rows there: the same init as the unpadded base's, tensor for tensor."""
+    from errors import EXIT_INTERRUPTED, TrainingStopped
+    from hf_io import save_pretrained
+    from model import Llama, preset
+    padded = tmp_path / "padded_base"
+    shutil.copytree(tiny_base, padded)
+    model = Llama(preset("tiny", vocab_size=49152 + 64, max_seq_len=512))
+    state = weights(tiny_base)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            key = name if name.startswith("lm_head") else "model." + name
+            src = state[key]
+            p[:src.shape[0]] = src  # the padding rows keep their random init
+    save_pretrained(model, padded, bos_token_id=1, eos_token_id=2)
+
+    def stop_before_training(*args, **kwargs):
+        raise TrainingStopped("the stages before training end here")
+    monkeypatch.setattr(bori, "run_phase", stop_before_training)
+    out = tmp_path / "run"
+    assert bori.main(tiny_flags(out, padded)) == EXIT_INTERRUPTED
+    ours, reference = weights(out / "init"), weights(prepared / "init")
+    assert ours["model.embed_tokens.weight"].shape[0] == 49152 + 300
+    assert ours.keys() == reference.keys()
+    for key in reference:
+        assert torch.equal(ours[key], reference[key]), key
