@@ -206,7 +206,9 @@ def model_card(run: Path) -> str:
     # does); an untied base got its new output rows another way, and the card says which
     tied = read_json(run / "init" / "config.json", f"delete {run / 'init'}")["tie_word_embeddings"]
     # an Instruct base (the offline GGUF) brings a chat template; the card must not promise chat
-    chat = "chat_template" in read_json(run / "final" / "tokenizer_config.json", "export again")
+    # a base without tokenizer_config.json (a bare Hugging Face folder) has no chat template
+    tok_config = run / "final" / "tokenizer_config.json"
+    chat = tok_config.is_file() and "chat_template" in read_json(tok_config, "export again")
     name, code = f"bori-{run.name}", cfg["lang"]
     lang, new = language_name(code), tok.get(code, {})
     prompt = cfg.get("sample_prompts", "").split("|")[0] or "The capital of France is"

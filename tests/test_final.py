@@ -1,6 +1,7 @@
 """final.py: the last stage: the model card, plots, final.gguf and the summary table."""
 import json
 import re
+import shutil
 
 import pytest
 
@@ -42,6 +43,18 @@ def test_model_card_numbers_match_metrics(tiny_run):
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_the_card_of_a_base_without_tokenizer_config_says_it_is_a_base_model(tiny_run,
+                                                                              tmp_path):
+    """tokenizer_config.json is optional in a Hugging Face folder: without it the card is
+    still written (the base is then taken as a plain base model), not an error at the end."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / "final" / "tokenizer_config.json").unlink()
+    card = final.model_card(run)
+    assert "is a base model and so is this one: it continues text (no chat template)" in card
+
+
 def test_run_leaves_plots_and_gguf(tiny_run):
     png = tiny_run / "plots" / "training.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
