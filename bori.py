@@ -34,7 +34,7 @@ from checkpoint import (export_folder, latest_checkpoint, load_checkpoint, read_
                         save_checkpoint, set_aside_damaged, take_over_streams, write_done)
 from config import (PRESETS, fit_micro_batch, grad_accum, help_text, load_config, parse_flags,
                     validate)
-from distributed import (DistEnv, all_sum, autocast, barrier, launched, on_master, print0,
+from distributed import (DistEnv, all_max, all_sum, autocast, barrier, launched, on_master, print0,
                          setup_distributed, shutdown, stop_on_signals)
 from errors import CorpusError, PeerStopped, TrainingDiverged, TrainingStopped, exit_code
 from evaluate import evaluate, samples
@@ -402,7 +402,11 @@ def finish_phase(run: Run, phase: Phase, training: Training, tok, scores: dict) 
     handover = state.phase_dir / f"data-rank{env.rank}.pt"
     with disk_errors(handover), atomic_file(handover) as tmp:  # whole, or a sentence
         torch.save(state.mixture.state_dict(), tmp)
-    barrier()
+    # every rank's passes and dropped bytes, not rank 0's alone: shares of a source can differ
+    streams = state.mixture.streams
+    epochs = all_max([s.epoch for s in streams.values()], env.device)
+    bad_bytes = all_sum([s.bad_bytes for s in streams.values()], env.device)
+    left_out = all_sum([s.left_out for s in streams.values()], env.device)
     if env.is_master:
         prompts = [p for p in cfg.sample_prompts.split("|") if p]
         texts = samples(state.raw_model, tok, prompts, max_tokens=cfg.sample_tokens,
@@ -410,12 +414,11 @@ def finish_phase(run: Run, phase: Phase, training: Training, tok, scores: dict) 
         run.metrics.log(kind="samples", phase=phase.name, step=phase.steps, text=texts)
         print(f"phase {phase.name} samples:\n" + "\n".join(f"  {s!r}" for s in texts), flush=True)
         export_folder(state.raw_model, run.out / "tokenizer", state.phase_dir / "model")
-        streams = state.mixture.streams
         write_done(state.phase_dir, {
             "steps": phase.steps, "tokens": phase.steps * cfg.batch_tokens, **scores,
-            "mix": state.mixture.realised(), "epochs": {n: s.epoch for n, s in streams.items()},
-            "bad_bytes": {n: s.bad_bytes for n, s in streams.items()},
-            "held_out_left_out": {n: s.left_out for n, s in streams.items()},
+            "mix": state.mixture.realised(), "epochs": dict(zip(streams, map(int, epochs))),
+            "bad_bytes": dict(zip(streams, map(int, bad_bytes))),
+            "held_out_left_out": dict(zip(streams, map(int, left_out))),
             "bad_steps": state.bad_steps})
         for old in state.phase_dir.glob("ckpt-??????"):  # the export holds all (.corrupt stay)
             shutil.rmtree(old)

@@ -184,7 +184,7 @@ class PackedStream:
                  batch_chars=2**18, held_out: frozenset = frozenset()):
         self.src, self.tokenizer, self.eos_id = src, tokenizer, eos_id
         self.batch_docs, self.batch_chars = batch_docs, batch_chars  # what one refill reads
-        self.ds, self.rank = open_source(src, rank, world_size), rank
+        self.ds, self.rank, self.world_size = open_source(src, rank, world_size), rank, world_size
         self.iterator, self.epoch, self.buffer = None, 0, []
         self.restored = None  # a loaded dataset position, until the stream reads again
         # text_keys of the held-out examples: checked on every rank, after the split, so no
@@ -223,9 +223,11 @@ class PackedStream:
                                       f"for rank {self.rank}; give it more documents (at least "
                                       "one per process) or use fewer processes")
                 self.epoch, restarted = self.epoch + 1, True  # a small corpus: go round again
-                if self.rank == 0:
-                    warn(f"--{self.src.flag or self.src.name} ({self.src.path}) is read to its "
-                         f"end: going round again (pass {self.epoch + 1}), so its text repeats")
+                # every rank says it of its own share: with unequal files one rank can repeat
+                # its small share many times while another has not finished its first pass
+                share = f" (rank {self.rank}'s share)" if self.world_size > 1 else ""
+                warn(f"--{self.src.flag or self.src.name} ({self.src.path}){share} is read to "
+                     f"its end: going round again (pass {self.epoch + 1}), so its text repeats")
                 self.ds.set_epoch(self.epoch)
                 self.iterator = iter(self.ds)
                 continue

@@ -304,6 +304,11 @@ def test_warnings_a_user_needs(tmp_path, base_tok, capsys):
     stream = data.PackedStream(data.Source("ko", str(path), flag="data_new"), base_tok, 0)
     stream.take(200)
     assert "warning: --data_new (" in capsys.readouterr().err  # read round again
+    # under torchrun every rank says it of its own share, not rank 0 alone
+    other = data.PackedStream(data.Source("ko", str(path), flag="data_new"), base_tok, 0,
+                              rank=1, world_size=2)
+    other.take(200)
+    assert "(rank 1's share) is read to its end: going round again" in capsys.readouterr().err
     import prepare
     cfg = bori.Config(eval_new=str(path), eval_en=str(path))
     evals, keys = prepare.eval_sets(bori.sources(cfg), eval_bytes=10_000, text_field="text")
