@@ -108,35 +108,78 @@ def is_hub_id(spec: str) -> bool:
         not Path(spec).expanduser().exists() and not spec.endswith(".gguf")
 
 
+def hub_token() -> str:
+    """The user's Hugging Face token (HF_TOKEN, or what `huggingface-cli login` saved), or ''."""
+    if os.environ.get("HF_TOKEN"):
+        return os.environ["HF_TOKEN"]
+    try:
+        from huggingface_hub import get_token  # comes with datasets
+        return get_token() or ""
+    except ImportError:
+        return ""
+
+
+def dataset_problem(answer: dict, config: str, split: str) -> str:
+    """'' when a hub dataset's card lists config (and its split), or lists no configs (then the
+    hub cannot say before the data is read); else what is missing and what there is."""
+    configs = {c.get("config_name"): c for c in (answer.get("cardData") or {}).get("configs") or []}
+    if not config or not configs:
+        return ""
+    if config not in configs:
+        names = sorted(map(str, configs))
+        return f"it has no config {config!r}; it has {names[:8]}{' ...' if len(names) > 8 else ''}"
+    files = configs[config].get("data_files")
+    splits = {f.get("split") for f in files if isinstance(f, dict)} if isinstance(files, list) \
+        else set()
+    if split and splits and split not in splits:
+        return f"its config {config!r} has no split {split!r}; it has {sorted(splits)}"
+    return ""
+
+
 def check_hub(sources: dict):
-    """Every hub source ({flag: spec}: hf:NAME... datasets and base model ids) answers within
-    HUB_TIMEOUT_S, or one sentence names the first that does not and the offline way out.
-    Skipped with HF_HUB_OFFLINE=1 (a cached base model is then used as it is)."""
+    """Every hub source ({flag: spec}: hf:NAME[:CONFIG[:SPLIT]] datasets and base model ids)
+    answers within HUB_TIMEOUT_S, with the config and split it names where the dataset's card
+    lists them, or one sentence names the first that does not and the offline way out. The
+    user's token goes along (a gated dataset answers 401 without it). Skipped with
+    HF_HUB_OFFLINE=1 (a cached base model is then used as it is)."""
     urls = {}
     # HF_ENDPOINT is huggingface_hub's own variable for a mirror: ask where downloads will go
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
     for flag, spec in sources.items():
-        if spec.startswith("hf:"):  # hf:NAME:CONFIG:SPLIT#FIELD: only NAME is a repository
-            urls[flag] = (spec, f"{endpoint}/api/datasets/{spec[3:].split(':')[0].split('#')[0]}")
+        if spec.startswith("hf:"):  # hf:NAME:CONFIG:SPLIT#FIELD
+            name, config, split = (spec[3:].split("#")[0].split(":") + ["", ""])[:3]
+            urls[flag] = (spec, f"{endpoint}/api/datasets/{name}", config, split)
         elif flag == "base" and is_hub_id(spec):
-            urls[flag] = (spec, f"{endpoint}/api/models/{spec}")
+            urls[flag] = (spec, f"{endpoint}/api/models/{spec}", "", "")
     if not urls or os.environ.get("HF_HUB_OFFLINE") == "1":
         return
+    token = hub_token()
 
-    def reach(url: str) -> str:
-        """'' when url answers, else the reason in a few words."""
-        try:  # HEAD: the API answers whether the repository exists without sending it
-            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"),
-                                   timeout=HUB_TIMEOUT_S).close()
-            return ""
+    def reach(url: str, config: str, split: str) -> tuple:
+        """("", "") when url answers (and lists config and split), else (what kind of problem,
+        the reason in a few words)."""
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        # HEAD where only existence matters; the dataset's card when a config is named
+        request = urllib.request.Request(url, method="GET" if config else "HEAD",
+                                         headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=HUB_TIMEOUT_S) as answer:
+                card = json.loads(answer.read() or b"{}") if config else {}
+            return "name", dataset_problem(card, config, split)
         except urllib.error.HTTPError as e:
-            return f"HTTP {e.code}" if e.code != 401 else "HTTP 401: gated or private, log in"
+            return "reach", (f"HTTP {e.code}" if e.code != 401
+                             else "HTTP 401: gated or private, log in (HF_TOKEN)")
         except (urllib.error.URLError, OSError) as e:  # no network, DNS, refused, timed out
-            return str(getattr(e, "reason", e))
+            return "reach", str(getattr(e, "reason", e))
+        except ValueError:  # an answer that is not JSON: the hub cannot tell, training will
+            return "", ""
     # in parallel: five unreachable sources cost one timeout, not five
     with ThreadPoolExecutor(len(urls)) as pool:
-        answers = dict(zip(urls, pool.map(reach, [url for _, url in urls.values()])))
-    for flag, problem in answers.items():
+        answers = dict(zip(urls, pool.map(lambda u: reach(*u[1:]), urls.values())))
+    for flag, (kind, problem) in answers.items():
+        if kind == "name" and problem:
+            raise ValueError(f"--{flag}: {urls[flag][0]!r} on the Hugging Face hub: {problem}; "
+                             "name them as hf:NAME:CONFIG:SPLIT")
         if problem:
             raise FileNotFoundError(
                 f"--{flag}: could not reach {urls[flag][0]!r} on the Hugging Face hub "

@@ -13,6 +13,7 @@ import torch
 
 import bori
 import data
+import inputs
 from gguf_io import write_gguf
 from helpers import ROOT, tiny_flags, weights
 from inputs import resolve_base
@@ -74,3 +75,49 @@ def test_gguf_cache_is_keyed_by_content_and_shared_safely(tiny_run, tmp_path):
     assert torch.equal(weights(folder)["model.norm.weight"],
                        weights(tiny_run / "final")["model.norm.weight"])
     assert not list(cache.glob("*.tmp")) and len(list(cache.iterdir())) == 3
+
+
+def test_the_hub_check_names_a_missing_config_or_split_and_sends_the_token(monkeypatch):
+    """A hub of our own on 127.0.0.1 answers as the Hugging Face API does: a dataset's card lists
+    its configs and their splits. A config typo (kor_hang) and an unknown split are one
+    sentence each before any stage; the user's token goes along with every request."""
+    import http.server
+    import threading
+    card = {"cardData": {"configs": [
+        {"config_name": "kor_Hang", "data_files": [{"split": "train", "path": "a/*"},
+                                                   {"split": "test", "path": "b/*"}]},
+        {"config_name": "jpn_Jpan", "data_files": [{"split": "train", "path": "c/*"}]}]}}
+    seen = []
+
+    class Hub(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append((self.path, self.headers.get("Authorization")))
+            body = json.dumps(card).encode() if self.path == "/api/datasets/org/fw2" else b""
+            self.send_response(200 if body else 404)
+            self.end_headers()
+            self.wfile.write(body)
+        do_HEAD = do_GET
+
+        def log_message(self, *args):
+            pass
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+        monkeypatch.setenv("HF_TOKEN", "hf_secret")
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        inputs.check_hub({"data_new": "hf:org/fw2:kor_Hang:train",
+                          "eval_new": "hf:org/fw2:kor_Hang:test"})  # both there: no error
+        assert seen and all(auth == "Bearer hf_secret" for _, auth in seen)
+        with pytest.raises(ValueError, match=r"--data_new: 'hf:org/fw2:kor_hang:train' on the "
+                           r"Hugging Face hub: it has no config 'kor_hang'; it has \['jpn_Jpan',"
+                           r" 'kor_Hang'\]; name them as hf:NAME:CONFIG:SPLIT"):
+            inputs.check_hub({"data_new": "hf:org/fw2:kor_hang:train"})
+        with pytest.raises(ValueError, match=r"its config 'jpn_Jpan' has no split 'test'; it "
+                           r"has \['train'\]"):
+            inputs.check_hub({"eval_new": "hf:org/fw2:jpn_Jpan:test"})
+        with pytest.raises(FileNotFoundError, match=r"--data_en: could not reach "
+                           r"'hf:org/none' on the Hugging Face hub \(HTTP 404\)"):
+            inputs.check_hub({"data_en": "hf:org/none"})
+    finally:
+        server.shutdown()
