@@ -43,7 +43,7 @@ from hf_io import from_pretrained
 from inputs import check_sources
 from model import Llama, flops_per_token
 from plan import plan_for_run
-from prepare import eval_sets, prepare_model
+from prepare import check_training_text, eval_sets, prepare_model
 from rundir import RENAMED, add_to_record, record_run
 from runlog import Metrics, Progress, bytes_per_token, open_sink
 from schedule import lr_at
@@ -456,6 +456,7 @@ def run_all(cfg: Config, env: DistEnv, stop: threading.Event, started: float) ->
         sink = on_master(env, functools.partial(open_sink, cfg.report_to, out, cfg,
                                                 phase_offsets=offsets, held=held, is_master=True))
         evals, held_out = eval_sets(corpora, cfg.eval_bytes, cfg.text_field, env.is_master)
+        check_training_text(corpora, held_out, cfg.text_field)  # before any stage: seconds
         run = Run(cfg, env, metrics=Metrics(out / "metrics.jsonl", env.is_master, sink),
                   evals=evals, stop=stop, phases=phases, corpora=corpora, held_out=held_out,
                   started=started)

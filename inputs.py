@@ -72,6 +72,13 @@ def check_base(base_dir: Path, seq_len: int):
                          f"{EOS_TOKEN} as its document separator (SmolLM2's kind), which "
                          "the tokenizer merge and the packing need; use a SmolLM/SmolLM2 base")
     config = read_json(base_dir / "config.json", "replace the base model's folder")
+    kind = config.get("model_type", "llama")
+    missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                           "intermediate_size", "vocab_size") if k not in config]
+    if kind != "llama" or missing:  # model.py is the Llama decoder and nothing else
+        what = f"a {kind!r} model" if kind != "llama" else f"a config without {missing}"
+        raise ValueError(f"the base model in {base_dir} is {what}; bori trains the Llama "
+                         "architecture (SmolLM, SmolLM2, Llama): use such a base")
     n_tokens, n_rows = max(full_vocab(tok).values()) + 1, config.get("vocab_size", 0)
     if n_tokens > n_rows:  # more rows than tokens is padding (stage_init drops it); fewer, never
         raise ValueError(f"{base_dir}: tokenizer.json has {n_tokens} tokens but the model only "

@@ -49,6 +49,21 @@ def eval_sets(corpora: list, eval_bytes: int, text_field: str, is_master: bool =
     return evals, frozenset(keys)
 
 
+def check_training_text(corpora: list, held_out: frozenset, text_field: str):
+    """Each local training source holds text that is not held out: a source that is its own
+    eval source and too small for more than the held-out set fails now, in one sentence, not
+    when its phase first reads it (hub sources are large and are not read ahead)."""
+    for corpus in corpora:
+        if corpus.train.startswith("hf:"):
+            continue
+        with about(corpus.train_flag):
+            if all(data.text_key(text) in held_out or not text.strip()
+                   for text in data.iter_texts([corpus.train], text_field)):
+                raise ValueError(f"all of the text of {corpus.train} is held out for "
+                                 f"evaluation (--{corpus.held_out_flag} reads it too); give "
+                                 "it more documents or hold out other text")
+
+
 def bpe_training_text(run):
     """The first tokenizer_bytes (0: all) of the new language's text the BPE is trained on:
     tokenizer_data, or else the new language's training source."""

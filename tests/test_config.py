@@ -95,6 +95,8 @@ def broken_base(tmp_path, tiny_base, what: str) -> Path:
     elif what == "small_vocab":  # a model with fewer rows than its tokenizer has tokens
         state["model.embed_tokens.weight"] = state["model.embed_tokens.weight"][:1000]
         (folder / "config.json").write_text(json.dumps({**cfg, "vocab_size": 1000}))
+    elif what == "gpt2":  # another architecture, whose config names other fields
+        (folder / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
     elif what == "other_tokenizer":  # Llama 3 calls its separator <|end_of_text|>
         tok = folder / "tokenizer.json"
         tok.write_text(tok.read_text().replace("<|endoftext|>", "<|end_of_text|>"))
@@ -140,6 +142,12 @@ def english_parquet_without_text(tmp_path, base):
     import pyarrow.parquet as pq
     pq.write_table(pa.table({"content": ["An English document."] * 4}), tmp_path / "en.parquet")
     return tiny_flags(tmp_path / "out", base, data_en=tmp_path / "en.parquet")
+
+
+def english_all_held_out(tmp_path, base):
+    (tmp_path / "en.jsonl").write_text('{"text": "The only English document."}\n')
+    return tiny_flags(tmp_path / "out", base, data_en=tmp_path / "en.jsonl",
+                      eval_en=tmp_path / "." / "en.jsonl")
 
 
 def toml(content: str):
@@ -190,6 +198,11 @@ BAD_INPUTS = {  # name: (argv builder, the sentence expected)
     "English parquet without its text column": (
         english_parquet_without_text,
         r"--data_en: .*en.parquet has no text column 'text' \(it has \['content'\]\)"),
+    "another architecture": (base_with("gpt2"), r"is a 'gpt2' model; bori trains the Llama "
+                                                r"architecture"),
+    "English all held out": (english_all_held_out,
+                             r"--data_en: all of the text of .*en.jsonl is held out for "
+                             r"evaluation \(--eval_en reads it too\)"),
     "TOML typo": (toml("seq_lenn = 5\n"), r"unknown key 'seq_lenn' in .*; did you mean seq_len\?"),
     "zero weight": (flags(mix_1b="ko=0.9,en=0"), r"every source needs a weight > 0"),
     "config file key": (toml("lr = 0.1\n"), r"unknown key 'lr' in"),
@@ -216,7 +229,7 @@ BAD_INPUTS = {  # name: (argv builder, the sentence expected)
 
 REFUSED_BEFORE_WRITING = [k for k in BAD_INPUTS if k not in (
     "missing tensor", "wrong shape",  # found when the init stage loads the weights
-    "no text field", "missing base")]
+    "no text field", "missing base", "English all held out")]
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
