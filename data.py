@@ -117,8 +117,18 @@ def open_source(src: Source, rank: int = 0, world_size: int = 1):
         else:  # readers.py: blank-line documents, long ones in pieces, bad bytes counted
             ds = IterableDataset.from_generator(
                 read_local, gen_kwargs={"files": files, "text_field": src.text_field})
-    # whole shards per rank when their count divides world_size, else every world_size-th example
-    return split_dataset_by_node(ds, rank, world_size) if world_size > 1 else ds
+    if world_size == 1:
+        return ds
+    if src.path.startswith("hf:"):
+        # a hub dataset's files are shards of about one size: whole shards per rank when their
+        # count divides world_size (each rank downloads only its own), else every
+        # world_size-th example
+        return split_dataset_by_node(ds, rank, world_size)
+    # Local files can differ in size: shard by shard, a rank given a 2-document file next to
+    # another's 1,200 would read its 2 round and round. Every rank reads every file and keeps
+    # every world_size-th document instead: equal shares, disjoint, and resumable (the
+    # filter's position is part of the dataset's state_dict).
+    return ds.filter(lambda _, index: index % world_size == rank, with_indices=True)
 
 
 def text_of(example: dict, src: Source) -> str:

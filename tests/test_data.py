@@ -315,3 +315,27 @@ def test_warnings_a_user_needs(tmp_path, base_tok, capsys):
     assert evals["ko"] == evals["en"] and len(keys) == 3
     assert re.search(r"warning: --eval_new holds only \d+ of the 10,000 bytes asked for",
                      capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "parquet"])
+def test_unequal_local_files_give_every_rank_an_equal_share(tmp_path, kind):
+    """2 files of 1,200 and 2 documents on 2 ranks: sharded by file, rank 1 had the 2 and read
+    them round and round. Every rank now keeps every other document of both files: shares
+    of 601 and 601, disjoint, the whole source between them."""
+    texts = [f"big {i}" for i in range(1200)]
+    small = ["small 0", "small 1"]
+    if kind == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        (tmp_path / "src").mkdir()
+        pq.write_table(pa.table({"text": texts}), tmp_path / "src" / "a.parquet")
+        pq.write_table(pa.table({"text": small}), tmp_path / "src" / "b.parquet")
+        path = str(tmp_path / "src")
+    else:
+        path = write_source(tmp_path / "src", "jsonl", 1, texts)
+        (tmp_path / "src" / "part-9.jsonl").write_text(
+            "".join(json.dumps({"text": t}) + "\n" for t in small))
+    src = data.Source("en", path)
+    shares = [rank_texts(src, texts + small, r, 2, frozenset()) for r in range(2)]
+    assert [len(s) for s in shares] == [601, 601]
+    assert sorted(shares[0] + shares[1]) == sorted(texts + small)
