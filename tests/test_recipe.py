@@ -373,9 +373,10 @@ def test_a_clean_stop_after_every_step_resumes_exactly(reference, tiny_base, tmp
     while not codes or codes[-1] == EXIT_INTERRUPTED:
         codes.append(bori.main(argv))  # the same command again and again
         assert len(codes) <= 12
-    # a stop after each of the 12 steps but the two that end a phase: Phase 1A's last step
-    # runs on into Phase 1B's first, which then stops; Phase 1B's last ends the run
-    assert codes == [EXIT_INTERRUPTED] * 10 + [0]
+    # a stop after each of the 12 steps but the last: stop_after_steps counts the whole
+    # invocation, so after Phase 1A's last step Phase 1B stops before its first; 1B's last
+    # step ends the run
+    assert codes == [EXIT_INTERRUPTED] * 11 + [0]
     assert_same_run(tmp_path / "run", ref)
 
 
