@@ -43,7 +43,6 @@ def test_model_card_numbers_match_metrics(tiny_run):
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_the_card_of_a_base_without_tokenizer_config_says_it_is_a_base_model(tiny_run,
                                                                               tmp_path):
     """tokenizer_config.json is optional in a Hugging Face folder: without it the card is
@@ -55,6 +54,7 @@ def test_the_card_of_a_base_without_tokenizer_config_says_it_is_a_base_model(tin
     assert "is a base model and so is this one: it continues text (no chat template)" in card
 
 
+@pytest.mark.slow
 def test_run_leaves_plots_and_gguf(tiny_run):
     png = tiny_run / "plots" / "training.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
