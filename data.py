@@ -238,6 +238,9 @@ class PackedStream:
                 share = f" (rank {self.rank}'s share)" if self.world_size > 1 else ""
                 warn(f"--{self.src.flag or self.src.name} ({self.src.path}){share} is read to "
                      f"its end: going round again (pass {self.epoch + 1}), so its text repeats")
+                # from the second pass on, datasets reorders a many-file source's files by a
+                # permutation seeded by the epoch: the same on every rank, so each pass's
+                # shares stay disjoint, though a rank's share may differ from pass to pass
                 self.ds.set_epoch(self.epoch)
                 self.iterator = iter(self.ds)
                 continue

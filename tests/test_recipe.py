@@ -584,3 +584,98 @@ def test_the_demo_preset_runs_on_two_processes_as_it_is(tmp_path, demo_stages):
                       "micro_batch=1") == 1
     assert said.count("phase 1a step 0: ") == 1 and said.count("Korean bits/byte") == 1
     assert json.loads((out / "config.json").read_text())["grad_accum"] == 1
+
+
+def write_docs(folder: Path, kind: str, n_files: int, texts: list) -> Path:
+    """texts spread round-robin over n_files local files of kind jsonl or parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    folder.mkdir(parents=True)
+    for f in range(n_files):
+        part = texts[f::n_files]
+        if kind == "parquet":
+            pq.write_table(pa.table({"text": part}), folder / f"part-{f}.parquet")
+        else:
+            (folder / f"part-{f}.jsonl").write_text("".join(
+                json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in part))
+    return folder
+
+
+def trained_documents(records: list, tok, eos_id: int) -> list:
+    """(pass, text) of each whole document one source's streams on one rank handed to
+    training (traced_run.py), phase after phase: each stream's tokens cut to those it took,
+    then split at EOS. Phase 1B's stream starts with what 1A's read and did not take (its
+    buffer), so the phases join into one stream; a last piece without its EOS was not trained
+    whole."""
+    tokens = []
+    for record in records:
+        tokens += [(epoch, i) for epoch, ids in record["read"] for i in ids][:record["taken"]]
+    docs, doc = [], []
+    for epoch, i in tokens:
+        if i == eos_id:
+            docs.append((epoch, tok.decode(doc, skip_special_tokens=False)))
+            doc = []
+        else:
+            doc.append(i)
+    return docs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world, ko_files, en_files", [
+    (1, (1, "jsonl"), (4, "parquet")),
+    (2, (2, "parquet"), (4, "parquet")),  # the reproduced case: 4 shards split over 2 ranks
+    (3, (4, "jsonl"), (2, "jsonl")),
+])
+def test_no_rank_trains_on_held_out_text_in_a_real_run(world, ko_files, en_files, tmp_path,
+                                                      tiny_base):
+    """bori.py itself, under torchrun with `world` gloo processes: each rank records every token
+    its training streams give (tests/traced_run.py). Each source is also its own eval source,
+    spelled another way (a relative path, DIR/./FILE, a symlink; a glob for English, as eval_en
+    defaults to data_en). No rank trains on a held-out document and the BPE reads none; the
+    ranks' documents in each pass are disjoint, and with the held-out ones the whole source."""
+    from tokenizers import Tokenizer
+    korean = [f"문서 {i}번: " + "한국어 문장을 여기에 씁니다. " * (2 + i % 4) for i in range(60)]
+    english = [f"Document {i}: " + "some words of text. " * (1 + i % 3) for i in range(60)]
+    ko = write_docs(tmp_path / "ko", ko_files[1], ko_files[0], korean)
+    en = write_docs(tmp_path / "en", en_files[1], en_files[0], english)
+    first_ko = sorted(ko.iterdir())[0]
+    link = tmp_path / f"link{first_ko.suffix}"
+    link.symlink_to(first_ko)
+    eval_ko = {1: os.path.relpath(first_ko, ROOT), 2: f"{tmp_path}/./ko/{first_ko.name}",
+               3: link}[world]
+    out, trace = tmp_path / "run", tmp_path / "trace"
+    trace.mkdir()
+    flags = tiny_flags(out, tiny_base, data_ko=ko, eval_ko=eval_ko, data_en=en,
+                       eval_en=f"{en}/*.{en_files[1]}", mix_1b="ko=0.5,en=0.5", steps_1a=8,
+                       steps_1b=16, batch_tokens=768, micro_batch=4, eval_every=100,
+                       ckpt_every=100, tokenizer_bytes=0, new_tokens=20)
+    launcher = [] if world == 1 else ["-m", "torch.distributed.run", f"--nproc_per_node={world}",
+                                      f"--master_port={free_port()}"]
+    run = subprocess.run([sys.executable, *launcher, str(ROOT / "tests" / "traced_run.py"),
+                          str(trace), *flags], env={**ENV, "PYTHONPATH": str(ROOT)}, cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    tok = Tokenizer.from_file(str(out / "tokenizer" / "tokenizer.json"))
+    eos_id = tok.token_to_id(data.EOS_TOKEN)
+    ranks = [json.loads((trace / f"rank-{r}.json").read_text()) for r in range(world)]
+    for language, texts in (("ko", korean), ("en", english)):
+        held = set(ranks[0]["held_out"][language])
+        assert held and held < set(texts), language
+        assert all(set(r["held_out"][language]) == held for r in ranks)  # the same on each rank
+        shares = [trained_documents([record for name, record in r["streams"].items()
+                                     if name.startswith(f"{language}-")], tok, eos_id)
+                  for r in ranks]
+        for rank, share in enumerate(shares):
+            texts_trained = {text for _, text in share}
+            assert texts_trained <= set(texts), (language, rank, sorted(texts_trained)[:2])
+            assert not texts_trained & held, (language, rank, sorted(texts_trained & held)[:2])
+        # in each pass the ranks' documents are disjoint and, with the held-out ones, the whole
+        # source (a parquet source's file order changes from pass to pass: so may the shares)
+        finished = min(max(e for e, _ in share) for share in shares)  # passes all ranks ended
+        assert finished >= 1, language
+        for epoch in range(finished):
+            passes = [{text for e, text in share if e == epoch} for share in shares]
+            assert sum(map(len, passes)) == len(set().union(*passes)), (language, epoch)
+            assert set().union(*passes) | held == set(texts), (language, epoch)
+    bpe = ranks[0]["bpe"]
+    assert bpe and set(bpe) <= set(korean) and not set(bpe) & set(ranks[0]["held_out"]["ko"])

@@ -1,0 +1,74 @@
+"""bori.py as it runs, each rank recording the text it trains on: `python traced_run.py TRACE_DIR
+--flags...` (under torchrun too). test_recipe's held-out test reads what it writes.
+
+Nothing in the run changes: three functions are wrapped to note their results. Each rank writes
+TRACE_DIR/rank-R.json with every token id each of its training streams read, with the pass it
+belongs to, and how many of them it handed to training (one record per stream object: a phase's
+stream of a source), the held-out texts it was given, and, on the rank that trains the
+tokenizer, the texts the BPE read.
+"""
+import json
+import sys
+from pathlib import Path
+
+import bori
+import data
+import prepare
+
+trace = {"streams": {}, "held_out": {}, "bpe": []}
+
+take, refill = data.PackedStream.take, data.PackedStream._refill
+
+
+def stream_trace(stream) -> dict:
+    """One stream object's record: the tokens it read, refill by refill, each with the pass
+    (epoch) it belongs to, and how many of them it handed on to training. A phase that takes
+    over a stream starts with the tokens left in its buffer (the first of which may be the
+    middle of a document)."""
+    name = f"{stream.src.name}-{id(stream)}"
+    if name not in trace["streams"]:
+        trace["streams"][name] = {"read": [[stream.epoch, list(stream.buffer)]], "taken": 0}
+    return trace["streams"][name]
+
+
+def traced_take(self, n):  # what a training stream gives the batch: consecutive tokens
+    record = stream_trace(self)
+    out = take(self, n)
+    record["taken"] += len(out)
+    return out
+
+
+def traced_refill(self):  # one refill never spans two passes: it stops at the end of one
+    record, before = stream_trace(self), len(self.buffer)
+    refill(self)
+    record["read"].append([self.epoch, self.buffer[before:]])
+
+
+eval_sets = bori.eval_sets
+
+
+def traced_eval_sets(*args, **kwargs):
+    evals, keys = eval_sets(*args, **kwargs)
+    trace["held_out"] = evals
+    return evals, keys
+
+
+bpe_training_text = prepare.bpe_training_text
+
+
+def traced_bpe_training_text(run):
+    for text in bpe_training_text(run):
+        trace["bpe"].append(text)
+        yield text
+
+
+data.PackedStream.take, data.PackedStream._refill = traced_take, traced_refill
+bori.eval_sets = traced_eval_sets
+prepare.bpe_training_text = traced_bpe_training_text
+
+if __name__ == "__main__":
+    out = Path(sys.argv[1])
+    code = bori.main(sys.argv[2:])
+    rank = bori.launched().rank
+    (out / f"rank-{rank}.json").write_text(json.dumps(trace, ensure_ascii=False))
+    sys.exit(code)
