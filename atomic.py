@@ -51,10 +51,10 @@ def atomic_file(dest: Path):
         yield tmp
         with open(tmp, "rb+") as f:  # data on disk before the rename, else a crash can leave
             os.fsync(f.fileno())  # dest renamed but empty
-    except BaseException:  # Ctrl-C and SystemExit too: no NAME.tmp is left behind
+        os.replace(tmp, dest)  # atomic: a reader sees the old dest or the new one, never a mix
+    except BaseException:  # a refused rename, Ctrl-C, SystemExit: no NAME.tmp is left behind
         tmp.unlink(missing_ok=True)
         raise
-    os.replace(tmp, dest)  # atomic: a reader sees the old dest or the new one, never a mix
 
 
 def write_text(dest: Path, text: str):

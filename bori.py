@@ -34,8 +34,8 @@ from checkpoint import (export_folder, latest_checkpoint, load_checkpoint, read_
                         save_checkpoint, set_aside_damaged, take_over_streams, write_done)
 from config import (PRESETS, fit_micro_batch, grad_accum, help_text, load_config, parse_flags,
                     validate)
-from distributed import (DistEnv, all_max, all_sum, autocast, barrier, launched, on_master, print0,
-                         setup_distributed, shutdown, stop_on_signals)
+from distributed import (DistEnv, all_max, all_sum, autocast, barrier, launched, on_each_rank,
+                         on_master, print0, setup_distributed, shutdown, stop_on_signals)
 from errors import CorpusError, PeerStopped, TrainingDiverged, TrainingStopped, exit_code
 from evaluate import evaluate, samples
 from final import export_run, summary
@@ -274,6 +274,11 @@ def save(run: Run, training: Training, data_state: dict = None):
                     keep=run.cfg.keep_ckpts, rank=run.env.rank, device=run.env.device)
 
 
+def save_handover(path: Path, data_state: dict):
+    with disk_errors(path), atomic_file(path) as tmp:  # whole, or a sentence
+        torch.save(data_state, tmp)
+
+
 def next_batches(run: Run, training: Training, accum: int) -> list:
     """This step's micro-batches; a corpus breaking on any rank: every rank saves first."""
     before = training.mixture.state_dict()
@@ -399,9 +404,8 @@ def finish_phase(run: Run, phase: Phase, training: Training, tok, scores: dict) 
             f"from {latest_checkpoint(state.phase_dir) or 'its start'} (delete "
             f"{state.phase_dir} to start the phase over)")
     # where each rank's streams stopped: the next phase reads on from there (no text twice)
-    handover = state.phase_dir / f"data-rank{env.rank}.pt"
-    with disk_errors(handover), atomic_file(handover) as tmp:  # whole, or a sentence
-        torch.save(state.mixture.state_dict(), tmp)
+    on_each_rank(env, save_handover, state.phase_dir / f"data-rank{env.rank}.pt",
+                 state.mixture.state_dict())
     # every rank's passes and dropped bytes, not rank 0's alone: shares of a source can differ
     streams = state.mixture.streams
     epochs = all_max([s.epoch for s in streams.values()], env.device)

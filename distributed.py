@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from errors import PeerStopped, TrainingStopped
+from errors import PeerStopped, RankError, TrainingStopped
 
 
 @dataclass
@@ -111,6 +111,22 @@ def on_master(env: DistEnv, work, *args):
         raise error
     if code:
         raise TrainingStopped("rank 0 stopped") if code == 2 else PeerStopped()
+    return result
+
+
+def on_each_rank(env: DistEnv, work, *args):
+    """work(*args) on every rank (a file each writes of its own); its result. If it fails on
+    any rank, every rank stops: each failing one with its sentence, the others quietly."""
+    error = result = None
+    try:
+        result = work(*args)
+    except (ValueError, OSError) as e:  # a user's problem with its fix: handed on below
+        error = e
+    if all_sum([float(error is not None)], env.device)[0]:
+        if error is None:
+            raise PeerStopped()
+        # a RankError: said by this rank even when it is not rank 0 (errors.exit_code)
+        raise error if env.world_size == 1 else RankError(str(error)) from None
     return result
 
 

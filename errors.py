@@ -1,6 +1,6 @@
 """How a run stops: the exceptions bori raises, and the one line and exit code each ends in.
 
-Every failure a user can cause is a ValueError, OSError (FileNotFoundError) or CorpusError
+Every failure a user can cause is a ValueError, OSError (FileNotFoundError) or RankError
 whose message names the problem and the fix; main() prints it as `error: ...` with exit code 2.
 """
 import sys
@@ -21,7 +21,12 @@ class TrainingDiverged(Exception):
     """Loss, gradients or weights stayed or ended non-finite."""
 
 
-class CorpusError(ValueError):
+class RankError(ValueError):
+    """What one rank alone met (its share of a corpus, a file only it writes): under torchrun
+    that rank says it, whichever rank it is, and the others stop quietly."""
+
+
+class CorpusError(RankError):
     """A corpus file that cannot be read as text: its sentence names the file."""
 
 
@@ -53,7 +58,7 @@ def exit_code(e: BaseException, rank: int) -> int:
     its traceback is wanted). Rank 0 speaks for what every rank meets alike; another rank
     speaks only for what it alone met (its corpus, its lost peers)."""
     if rank and isinstance(e, (ValueError, OSError, TrainingDiverged, PeerStopped,
-                               torch.cuda.OutOfMemoryError)) and not isinstance(e, CorpusError):
+                               torch.cuda.OutOfMemoryError)) and not isinstance(e, RankError):
         return EXIT_ERROR
     if rank and isinstance(e, (TrainingStopped, KeyboardInterrupt)):
         return EXIT_INTERRUPTED

@@ -1,11 +1,14 @@
 """report.py: the plots and the model card of a run, finished or not."""
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
+from PIL import Image
 
 import report
-from helpers import utility
+from helpers import ENV, ROOT, utility
 
 
 @pytest.mark.slow
@@ -52,3 +55,23 @@ def test_report_draws_the_plot_of_a_run_in_training_from_its_records(tmp_path, c
     with pytest.raises(SystemExit) as stop:  # a model folder passed by mistake
         report.main([str(tmp_path / "plots")])
     assert stop.value.code == 2 and "holds no metrics.jsonl" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_four_report_processes_at_once_each_write_whole_files(tiny_run, tmp_path):
+    """Four report.py processes on one finished run at the same moment (a user redrawing while
+    another notebook cell does): with one shared temporary name, 3 of 4 failed. Each now ends
+    with exit 0 and the card and plot are whole: the run's own card, a PNG that opens."""
+    run = tmp_path / "finished"
+    shutil.copytree(tiny_run, run)
+    card = (tiny_run / "final" / "README.md").read_text()
+    card = card.replace(str(tiny_run), str(run)).replace(f"bori-{tiny_run.name}", "bori-finished")
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "report.py"), str(run)], env=ENV,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    assert all(code == 0 for code, _ in results), results
+    assert (run / "final" / "README.md").read_text() == card
+    with Image.open(run / "plots" / "training.png") as image:
+        image.load()  # a truncated or mixed file does not decode
+    assert not list(run.rglob("*.tmp"))
