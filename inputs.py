@@ -27,9 +27,10 @@ from tokenizer import fingerprint, full_vocab
 CACHE_DIR = Path(os.environ.get("BORI_CACHE", Path.home() / ".cache" / "bori"))
 
 
-def resolve_base(spec: str, cache_dir=CACHE_DIR) -> Path:
+def resolve_base(spec: str, cache_dir=CACHE_DIR, seq_len: int = 0) -> Path:
     """A local Hugging Face folder for spec: the offline GGUF name, a .gguf file, a folder,
-    or a hub id (downloaded with huggingface_hub)."""
+    or a hub id (downloaded with huggingface_hub). With seq_len, checked (check_base): a hub
+    base's config and tokenizer before its weights are fetched."""
     cache_dir = Path(cache_dir)
     if spec == OFFLINE_BASE or spec.endswith(".gguf"):
         src = bundled_gguf() if spec == OFFLINE_BASE else Path(spec)
@@ -40,26 +41,34 @@ def resolve_base(spec: str, cache_dir=CACHE_DIR) -> Path:
         if not (out / "model.safetensors").is_file():
             # shared: two ranks, runs or test workers may convert at once; the first one wins
             gguf_to_hf(src, out, shared=True)
-        return out
+        return check_base(out, seq_len) if seq_len else out
     path = Path(spec).expanduser()
     if path.is_dir():
-        return path
+        return check_base(path, seq_len) if seq_len else path
     if is_hub_id(spec):
         from huggingface_hub import snapshot_download  # comes with datasets
-        try:
-            # safetensors only: no pickled .bin weights (STYLE), and no ONNX or GGUF copies
-            return Path(snapshot_download(spec, allow_patterns=[
-                "*.json", "*.safetensors", "tokenizer*", "*.txt"]))
-        except Exception as e:  # the hub client raises many types: offline, 404, auth
-            raise FileNotFoundError(
-                f"could not fetch {spec!r} from the Hugging Face hub ({type(e).__name__}); "
-                f"check the name and network, or use a local folder or base={OFFLINE_BASE}") from e
+
+        def fetch(patterns: list) -> Path:
+            try:
+                return Path(snapshot_download(spec, allow_patterns=patterns))
+            except Exception as e:  # the hub client raises many types: offline, 404, auth
+                raise FileNotFoundError(
+                    f"could not fetch {spec!r} from the Hugging Face hub ({type(e).__name__}); "
+                    f"check the name and network, or use a local folder or base={OFFLINE_BASE}"
+                ) from e
+        # config and tokenizer first (kilobytes): a base bori cannot train is refused before
+        # hundreds of MB of its weights are downloaded
+        if seq_len:
+            check_base(fetch(["*.json"]), seq_len)
+        # safetensors only: no pickled .bin weights (STYLE), and no ONNX or GGUF copies
+        return fetch(["*.json", "*.safetensors", "tokenizer*", "*.txt"])
     raise FileNotFoundError(f"base model {spec!r} is neither a folder, a .gguf file, a hub id, "
                             f"nor {OFFLINE_BASE!r}")
 
 
-def check_base(base_dir: Path, seq_len: int):
-    """The base folder has a config and a tokenizer bori can extend; seq_len fits."""
+def check_base(base_dir: Path, seq_len: int) -> Path:
+    """The base folder has a config and a tokenizer bori can extend; seq_len fits. Returns
+    base_dir."""
     if not (base_dir / "config.json").is_file() or not (base_dir / "tokenizer.json").is_file():
         raise FileNotFoundError(f"base model folder {base_dir} lacks config.json or "
                                 "tokenizer.json; pass a Hugging Face model folder or hub id")
@@ -87,6 +96,7 @@ def check_base(base_dir: Path, seq_len: int):
     if seq_len > max_pos:  # past them RoPE meets angles the base never trained on
         raise ValueError(f"seq_len={seq_len} exceeds the base model's {max_pos} positions; "
                          f"use seq_len<={max_pos}")
+    return base_dir
 
 
 def check_merged_tokenizer(base_dir: Path, base_tok, n_rows: int, tok_dir: Path, emap: dict):
@@ -204,7 +214,7 @@ def check_sources(cfg, corpora: list):
     check_hub(specs)
     base = Path(cfg.base).expanduser()
     if base.is_dir():  # a local folder costs nothing to check now; a GGUF or hub id is resolved
-        check_base(base, cfg.seq_len)  # (converted, fetched) by the first stage, checked there
+        check_base(base, cfg.seq_len)  # (converted, fetched) and checked by rank 0 first thing
     # Only each file's first bytes (readers.check_readable): UTF-16, a wrong JSON key or a
     # missing file fails in seconds, before any stage has read a corpus or written a file.
     for flag, spec in specs.items():

@@ -22,7 +22,7 @@ from checkpoint import export_folder, read_done, write_done
 from errors import about, warn
 from evaluate import evaluate, print_tokenizer_report, tokenizer_report
 from hf_io import from_pretrained
-from inputs import OFFLINE_BASE, check_base, check_merged_tokenizer, resolve_base
+from inputs import OFFLINE_BASE, check_merged_tokenizer, resolve_base
 from model import drop_padding_rows, expand_vocab
 
 
@@ -147,8 +147,7 @@ def stage_init(run, base_dir: Path):
 
 def prepare_model(run):
     """Rank 0: the base model found and checked, the merged tokenizer, the expanded model."""
-    base_dir = resolve_base(run.cfg.base)
-    check_base(base_dir, run.cfg.seq_len)
+    base_dir = resolve_base(run.cfg.base, seq_len=run.cfg.seq_len)  # before any stage's work
     stage_tokenizer(run, base_dir)
     stage_init(run, base_dir)
 

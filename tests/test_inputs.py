@@ -121,3 +121,28 @@ def test_the_hub_check_names_a_missing_config_or_split_and_sends_the_token(monke
             inputs.check_hub({"data_en": "hf:org/none"})
     finally:
         server.shutdown()
+
+
+def test_a_hub_base_is_checked_from_its_config_before_its_weights_are_fetched(
+        monkeypatch, tmp_path, base_dir):
+    """A hub base of another architecture (gpt2's config) is refused from its JSON files: the
+    weights are never asked for. A Llama base is checked the same way, then fetched whole."""
+    import huggingface_hub
+    asked = []
+
+    def snapshot_download(repo_id, allow_patterns):  # the hub, from a local folder
+        asked.append(allow_patterns)
+        return str(tmp_path / repo_id)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    gpt2, llama = tmp_path / "openai" / "gpt2", tmp_path / "org" / "llama"
+    for folder in (gpt2, llama):
+        shutil.copytree(base_dir, folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    config = json.loads((gpt2 / "config.json").read_text())
+    (gpt2 / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
+    with pytest.raises(ValueError, match=r"the base model in .*openai/gpt2 is a 'gpt2' model; "
+                       r"bori trains the Llama architecture"):
+        resolve_base("openai/gpt2", seq_len=512)
+    assert asked == [["*.json"]]  # the config alone: no weights downloaded for nothing
+    asked.clear()
+    assert resolve_base("org/llama", seq_len=512) == llama
+    assert asked == [["*.json"], ["*.json", "*.safetensors", "tokenizer*", "*.txt"]]
