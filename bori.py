@@ -148,9 +148,10 @@ def sources(cfg: Config) -> list:
     """The run's two corpora: the new language first (its code names it in a mix), then the
     English replay; each with the held-out source its score reads."""
     return [data.Corpus(name=cfg.lang, train=cfg.data_new, held_out=cfg.eval_new,
-                        train_flag="data_new", held_out_flag="eval_new"),
+                        train_flag="data_new", held_out_flag="eval_new",
+                        script=cfg.unicode_script),
             data.Corpus(name="en", train=cfg.data_en, held_out=cfg.eval_en,
-                        train_flag="data_en", held_out_flag="eval_en")]
+                        train_flag="data_en", held_out_flag="eval_en", script="latin")]
 
 
 @dataclass

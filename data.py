@@ -66,6 +66,7 @@ class Corpus:
     held_out: str
     train_flag: str  # "data_new"
     held_out_flag: str  # "eval_new"
+    script: str = ""  # what its letters are mostly in: a tokenizer.SCRIPTS name or "latin"
 
 
 @dataclass

@@ -29,6 +29,35 @@ from model import drop_padding_rows, expand_vocab
 # ----------------------------------------------------------------------------------------------
 # The held-out texts and the BPE's training text
 
+# English letters: ASCII and Latin-1 to Latin Extended-B (the new languages' are tokenizer.SCRIPTS)
+LATIN = [(0x41, 0x5A), (0x61, 0x7A), (0xC0, 0x24F)]
+# Below these shares of its letters in its script, a corpus is not in its language: Korean text
+# holds ~88% Hangul, Vietnamese ~29% letters with its diacritics, English ~100% Latin; Korean
+# text given as English holds ~12% Latin, French given as Vietnamese ~3% of those diacritics
+MIN_SCRIPT_SHARE = {"latin": 0.5}
+MIN_SCRIPT_SHARE_NEW = 0.05
+
+
+def check_script(flag: str, texts, corpus):
+    """The first 100,000 letters of texts are mostly in the corpus's script: swapped options
+    (--data_en given Korean) or text in another encoding fail now, not after a whole run."""
+    if not corpus.script:
+        return
+    ranges = LATIN if corpus.script == "latin" else tokenizer.SCRIPTS[corpus.script][1]
+    letters = inside = 0
+    for text in texts:
+        for c in filter(str.isalpha, text):
+            letters += 1
+            inside += any(lo <= ord(c) <= hi for lo, hi in ranges)
+        if letters >= 100_000:
+            break
+    share = inside / max(letters, 1)
+    if letters and share < MIN_SCRIPT_SHARE.get(corpus.script, MIN_SCRIPT_SHARE_NEW):
+        raise ValueError(f"--{flag}: only {share:.1%} of its first {letters:,} letters are "
+                         f"{corpus.script}: is it {data.language_name(corpus.name)} text, in "
+                         "UTF-8? (check the options' order, --lang and unicode_script)")
+
+
 def eval_sets(corpora: list, eval_bytes: int, text_field: str, is_master: bool = True) -> tuple:
     """(the held-out texts per language, the text_keys of every example they took): the first
     eval_bytes of each corpus's held-out source (corpora: bori.sources(cfg))."""
@@ -41,6 +70,7 @@ def eval_sets(corpora: list, eval_bytes: int, text_field: str, is_master: bool =
         with about(corpus.held_out_flag):
             evals[corpus.name], taken = data.eval_docs(corpus.held_out, eval_bytes, text_field,
                                                        keys=True)
+        check_script(corpus.held_out_flag, evals[corpus.name], corpus)
         keys |= taken
         size = sum(len(t.encode()) for t in evals[corpus.name])
         if size < eval_bytes * 0.9 and is_master:  # 10%: a document boundary's slack
@@ -50,12 +80,14 @@ def eval_sets(corpora: list, eval_bytes: int, text_field: str, is_master: bool =
 
 
 def check_training_text(corpora: list, held_out: frozenset, text_field: str):
-    """Each local training source holds text that is not held out: a source that is its own
-    eval source and too small for more than the held-out set fails now, in one sentence, not
-    when its phase first reads it (hub sources are large and are not read ahead)."""
+    """Each local training source is text of its language and holds text that is not held
+    out: a source that is its own eval source and too small for more than the held-out set
+    fails now, in one sentence, not when its phase first reads it (hub sources are large and
+    are not read ahead)."""
     for corpus in corpora:
         if corpus.train.startswith("hf:"):
             continue
+        check_script(corpus.train_flag, data.iter_texts([corpus.train], text_field), corpus)
         with about(corpus.train_flag):
             if all(data.text_key(text) in held_out or not text.strip()
                    for text in data.iter_texts([corpus.train], text_field)):

@@ -224,12 +224,21 @@ BAD_INPUTS = {  # name: (argv builder, the sentence expected)
     "out_dir is a file": (file_as_out_dir, r"out_dir=.*afile is a file, not a folder"),
     "CP949 corpus": (corpus_bytes("한국어 문서입니다. 둘째 문장입니다.".encode("cp949") * 40),
                      r"--data_new: .* is not UTF-8 text \(most of its first bytes are not UTF-8"),
+    "Latin-1 French as Korean": (corpus_bytes("Le café de la gare était fermé.\n\n".encode(
+        "latin-1") * 40), r"--data_new: only 0.0% of its first [\d,]+ letters are hangul: is it "
+                         r"Korean text, in UTF-8\?"),
+    "Korean as English": (flags(data_en=data.BUNDLED["ko_train"]),
+                          r"--data_en: only 1\d\.\d% of its first .* letters are latin: is it "
+                          r"English text, in UTF-8\?"),
+    "eval flags swapped": (flags(eval_ko=data.BUNDLED["en_eval"], eval_en=data.BUNDLED["ko_eval"]),
+                           r"--eval_new: only 0.0% of its first .* letters are hangul"),
 }
 
 
 REFUSED_BEFORE_WRITING = [k for k in BAD_INPUTS if k not in (
     "missing tensor", "wrong shape",  # found when the init stage loads the weights
-    "no text field", "missing base", "English all held out")]
+    "no text field", "missing base", "English all held out", "Korean as English",
+    "Latin-1 French as Korean", "eval flags swapped")]  # read once the run holds out_dir
 
 
 # these two build the tokenizer stage before the init stage finds the broken weights: slow

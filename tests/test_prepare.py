@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import bori
+import data
 from helpers import tiny_flags, weights
 
 
@@ -32,7 +33,7 @@ def test_the_bpe_never_reads_held_out_text(tmp_path):
     path = tmp_path / "ko.jsonl"
     path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts))
     cfg = bori.Config(data_new=f"{path}#text", eval_new=str(tmp_path / "." / "ko.jsonl"),
-                      eval_en=str(path), tokenizer_bytes=0)
+                      eval_en=data.BUNDLED["en_eval"], tokenizer_bytes=0)
     evals, held_out = prepare.eval_sets(bori.sources(cfg), eval_bytes=400, text_field="text")
     assert 0 < len(evals["ko"]) < len(texts)
     run = SimpleNamespace(cfg=cfg, check_stop=lambda before: None, corpora=bori.sources(cfg),
