@@ -10,6 +10,7 @@ what a new language's rule (tokenizer.SCRIPTS) and its corpus give before a whol
 EEVE init: Kim et al. 2024, arXiv:2402.14714.
 """
 import argparse
+import hashlib
 import sys
 from pathlib import Path
 
@@ -128,7 +129,8 @@ def stage_tokenizer(run, base_dir: Path):
     text against the base and the standalone BPE (report.json)."""
     tok_dir = run.out / "tokenizer"
     if (tok_dir / "DONE.json").is_file():
-        read_done(tok_dir)  # its files are still what it wrote
+        done = read_done(tok_dir)  # its files are still what it wrote
+        check_same_held_out(run, done.get("held_out", held_out_digests(run.evals)))
         return
     # whole or not at all: a kill or a full disk mid-stage leaves no half tokenizer to trust
     with disk_errors(tok_dir), atomic_dir(tok_dir) as tmp:
@@ -141,7 +143,27 @@ def stage_tokenizer(run, base_dir: Path):
               "the standalone BPE's tokens turned away: "
               + ", ".join(f"{n:,} {why}" for why, n in done["rejected"].items()), flush=True)
         write_json(tmp / "report.json", report)
-        write_done(tmp, {**done, **report})  # last: DONE.json is the stage's proof it finished
+        # last: DONE.json is the stage's proof it finished
+        write_done(tmp, {**done, **report, "held_out": held_out_digests(run.evals)})
+
+
+def held_out_digests(evals: dict) -> dict:
+    """{language: a digest of its held-out texts}: what every score of the run is measured on."""
+    return {name: hashlib.sha256("\x00".join(texts).encode()).hexdigest()[:16]
+            for name, texts in evals.items()}
+
+
+def check_same_held_out(run, recorded: dict):
+    """The held-out texts are those the run began with: an eval file edited (or its hub
+    dataset updated) between two commands would score the rest of the run on other text
+    than its base line, and hold out documents that training or the BPE may have read."""
+    now = held_out_digests(run.evals)
+    for corpus in run.corpora:
+        if recorded.get(corpus.name, now[corpus.name]) != now[corpus.name]:
+            raise ValueError(f"--{corpus.held_out_flag}: its first eval_bytes of text are not "
+                             "what this run began with (the base line and every score so far "
+                             "were measured on them, and the BPE and training left them out); "
+                             f"restore {corpus.held_out}, or use a new out_dir")
 
 
 def stage_init(run, base_dir: Path):

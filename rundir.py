@@ -35,9 +35,10 @@ def fixed_by_stage(phases: list) -> dict:
     the base-vs-final table compare other texts); a setting no stage with state has used stays
     free, so the fix an error suggests (another --data_en before Phase 1B reads it) is taken."""
     fixed = {
+        # the held-out texts too: the BPE leaves them out, and its report measures them
         "tokenizer": ["base", "lang", "data_new", "text_field", "new_tokens", "unicode_script",
-                      "tokenizer_data", "tokenizer_bytes"],
-        "init": ["init", "eval_new", "eval_en", "eval_bytes"],
+                      "tokenizer_data", "tokenizer_bytes", "eval_new", "eval_en", "eval_bytes"],
+        "init": ["init"],
         # the batch's shape and the streams' seeds: every later phase takes the streams over
         phases[0].folder: ["pad_vocab_to", "seq_len", "micro_batch", "batch_tokens",
                            "new_rows_only", "seed"],

@@ -67,6 +67,22 @@ def test_changing_the_held_out_text_mid_run_is_refused(stopped, tiny_base, capsy
 
 
 @pytest.mark.slow
+def test_the_held_out_file_edited_mid_run_is_refused(tmp_path, fresh, tiny_base, capsys):
+    """The same settings, but the text eval_new reads is no longer what the tokenizer stage
+    recorded (its digest in DONE.json; here edited in place of the file, which gives the same
+    mismatch): the scores would go on on other text than the base line's, so it is refused."""
+    out = fresh(tmp_path / "run")
+    done_file = out / "tokenizer" / "DONE.json"
+    done = json.loads(done_file.read_text())
+    assert set(done["held_out"]) == {"ko", "en"}  # what every later command is held to
+    done_file.write_text(json.dumps({**done, "held_out": {**done["held_out"], "ko": "0" * 16}}))
+    assert bori.main(tiny_flags(out, tiny_base, stop_after_steps=1)) == 2
+    assert re.search(r"--eval_new: its first eval_bytes of text are not what this run began "
+                     r"with .*; restore .*ko_eval.jsonl, or use a new out_dir", one_error(capsys))
+    assert not (out / "phase1a").exists()
+
+
+@pytest.mark.slow
 def test_a_setting_is_fixed_only_by_a_stage_that_used_it(stopped, tiny_base, capsys):
     """stopped is in Phase 1A, which reads no English: the fix an English error suggests
     (PATH#KEY, another file) is taken; a setting Phase 1A used is refused, naming it."""
