@@ -58,6 +58,58 @@ def bits_per_byte(model, tok, texts: list, seq_len: int, device, ctx, rank=0, wo
     return total / (math.log(2) * sum(len(t.encode("utf-8")) for t in texts))  # EOS: no bytes
 
 
+# ----------------------------------------------------------------------------------------------
+# Grammar probes (probes.py): minimal pairs scored as lm-evaluation-harness scores them
+
+
+@torch.no_grad()
+def probe_loglikelihoods(model, tok, pairs: list, device, ctx, batch_size: int = 64) -> list:
+    """[(log p(good | context), log p(bad | context))] in nats, summed over each continuation's
+    tokens, split as lm-evaluation-harness splits them: the continuation is what follows the
+    first len(encode(context)) tokens of encode(context + continuation)."""
+    rows = []  # (pair, side, ids, first scored position)
+    for i, pair in enumerate(pairs):
+        n_context = len(tok.encode(pair.context, add_special_tokens=False).ids)
+        for side, continuation in enumerate((pair.good, pair.bad)):
+            ids = tok.encode(pair.context + continuation, add_special_tokens=False).ids
+            rows.append((i, side, ids, n_context))
+    rows.sort(key=lambda r: len(r[2]))  # batches of like lengths: little padding
+    lls = [[0.0, 0.0] for _ in pairs]
+    was_training = model.training
+    model.eval()
+    for b in range(0, len(rows), batch_size):
+        batch = rows[b:b + batch_size]
+        T = max(len(ids) for _, _, ids, _ in batch) - 1
+        x = torch.zeros(len(batch), T, dtype=torch.long)
+        y = torch.full((len(batch), T), IGNORE_INDEX, dtype=torch.long)
+        for r, (_, _, ids, n_context) in enumerate(batch):
+            x[r, :len(ids) - 1] = torch.tensor(ids[:-1])
+            y[r, n_context - 1:len(ids) - 1] = torch.tensor(ids[n_context:])  # right-padded
+        x, y = x.to(device), y.to(device)
+        with ctx:
+            h = model.hidden(x)
+        scored = y != IGNORE_INDEX
+        # log-softmax only where a continuation token is predicted: a few rows of logits
+        logits = model.lm_head(h[scored])[..., :model.cfg.vocab_size].float()
+        lp = logits.log_softmax(-1).gather(1, y[scored][:, None])[:, 0].double()
+        sums = torch.zeros(len(batch), dtype=torch.float64, device=device)
+        sums.index_add_(0, scored.nonzero()[:, 0], lp)
+        for (i, side, _, _), ll in zip(batch, sums.tolist()):
+            lls[i][side] = ll
+    model.train(was_training)
+    return [tuple(ll) for ll in lls]
+
+
+def probe_accuracy(lls: list, pairs: list) -> dict:
+    """lm-evaluation-harness's acc and acc_norm for pairs scored by probe_loglikelihoods: the
+    share of pairs whose original wins (a tie goes to the original: argmax takes the first),
+    by summed log-probability and by log-probability per character of the continuation."""
+    acc = sum(good >= bad for good, bad in lls)
+    norm = sum(good / len(p.good) >= bad / len(p.bad) for (good, bad), p in zip(lls, pairs))
+    return {"acc": acc / max(len(pairs), 1), "acc_norm": norm / max(len(pairs), 1),
+            "n": len(pairs)}
+
+
 FP16_MAX = 65504.0  # the largest finite float16
 
 

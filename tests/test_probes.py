@@ -1,0 +1,125 @@
+"""probes.py: minimal pairs from held-out sentences; evaluate.probe_loglikelihoods scores them."""
+import random
+import unicodedata
+
+import pytest
+import torch
+
+import data
+import probes
+from evaluate import probe_accuracy, probe_loglikelihoods
+from model import Llama, preset
+from probes import Pair, make_probes
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    model = Llama(preset("tiny", vocab_size=49152, max_seq_len=512)).eval()
+    for p in model.parameters():
+        if p.ndim == 2:  # GPT-2's scale: logits that differ from token to token
+            torch.nn.init.normal_(p, std=0.02)
+    return model
+
+# Nouns are told from verb stems by the held-out text itself: each of these nouns is also seen
+# with a particle only nouns take (의, 에, 에서).
+KO_NOUN_EVIDENCE = "사과의 책에 물의 학교에서 서울의 바다의 나의 우리의 말의 길에 집에 차에"
+
+
+def ko_pairs(sentence: str) -> list:
+    """(word, broken word) of every change the Korean rule makes in sentence."""
+    words = sentence.split()
+    nouns = probes.korean_nouns([sentence, KO_NOUN_EVIDENCE])
+    return [(words[i], broken) for i, broken in probes.korean_changes(words, nouns)]
+
+
+@pytest.mark.parametrize("sentence, good, bad", [
+    ("오늘 사과를 먹었다.", "사과를", "사과을"),  # vowel-final: 를, not 을
+    ("그는 책을 읽었다.", "책을", "책를"),  # consonant-final: 을
+    ("그때 나는 학교에 갔다.", "나는", "나은"),  # 는 after a vowel
+    ("우리 바다는 넓다.", "바다는", "바다은"),
+    ("여기 물이 있다.", "물이", "물가"),  # 이 after a consonant
+    ("그때 우리가 왔다.", "우리가", "우리이"),  # 가 after a vowel
+    ("그는 서울로 갔다.", "서울로", "서울으로"),  # 로 after final ㄹ, not 으로
+    ("그는 길로 갔다.", "길로", "길으로"),
+    ("그는 집으로 갔다.", "집으로", "집로"),  # 으로 after another final consonant
+    ("그는 차로 갔다.", "차로", "차으로"),  # 로 after a vowel
+    ("그는 책과 물을 샀다.", "책과", "책와"),
+    ("그는 사과와 책을 샀다.", "사과와", "사과과"),
+])
+def test_korean_particles_swap_to_the_wrong_allomorph(sentence, good, bad):
+    assert (good, bad) in ko_pairs(sentence)
+
+
+def test_korean_verb_endings_and_wrong_originals_make_no_pair():
+    # 하는, 가는, 먹을: verb stems (never seen with 의/에), not a noun and its particle
+    for sentence in ("책을 읽고 공부하는 사람", "그때 학교에 가는 길", "오늘 먹을 음식"):
+        assert all(pair[0] not in ("공부하는", "가는", "먹을") for pair in ko_pairs(sentence))
+    # the first word has no context to score it after; a wrong original is not a pair
+    assert ko_pairs("사과를 먹었다.") == []
+    assert ko_pairs("오늘 사과을 먹었다.") == []
+
+
+def test_japanese_particles_are_spelled_as_read_only_where_they_are_particles():
+    sents = ["私は学校へ行きます。", "東京には多くの人がいる。", "彼は本を読んだ。",
+             "はなが咲いている庭です。", "へやの中で本を読む。"]
+    made = {(p.context[-2:], p.good[0], p.bad[0]) for s in sents
+            for p in probes.japanese_particles([s], random.Random(0))}
+    for pair in made:
+        assert pair[1:] in {("を", "お"), ("は", "わ"), ("へ", "え")}
+    # はな (flower) and へや (room) start their sentences and words: never touched
+    flower = probes.japanese_particles(["はなが咲いている庭です。"], random.Random(0))
+    assert flower == []
+    room = probes.japanese_particles(["へやの中で本を読む。"], random.Random(0))
+    assert [(p.good[0], p.bad[0]) for p in room] == [("を", "お")]
+    seen = {p.good[0] for s in ("私は学校へ行きます。", "東京には多くの人がいる。") for seed in
+            range(20) for p in probes.japanese_particles([s], random.Random(seed))}
+    assert seen == {"は", "へ"}
+
+
+def test_vietnamese_tone_swaps_give_another_syllable_with_the_same_letters():
+    sents = ["Tôi đi học ở trường mỗi ngày.", "Người Việt Nam rất thích ăn phở."] * 5
+    pairs = probes.vietnamese_tones(sents, random.Random(0))
+    assert pairs
+    for p in pairs:
+        good, bad = p.good.split()[0], p.bad.split()[0]
+        assert good != bad
+        strip = "".join(c for c in unicodedata.normalize("NFD", good) if c not in probes.VI_TONES)
+        assert strip == "".join(c for c in unicodedata.normalize("NFD", bad)
+                                if c not in probes.VI_TONES)  # only the tone differs
+        assert unicodedata.is_normalized("NFC", bad)
+    assert probes.with_tone("liệu", "\u0300") == "liều"  # the dot below gives way to the grave
+    assert probes.with_tone("người", "") == "ngươi"
+
+
+@pytest.mark.parametrize("lang", ["ko", "ja", "vi", "en"])
+def test_pairs_differ_only_at_the_change_and_keep_the_held_out_text(lang):
+    texts = list(data.iter_texts([data.BUNDLED[f"{lang}_eval"]]))
+    made = make_probes(lang, texts)
+    sents = probes.sentences(texts)
+    for name, pairs in made.items():
+        assert 500 <= len(pairs) <= probes.MAX_PAIRS, (name, len(pairs))
+        for p in pairs[:200]:
+            assert p.context and p.good != p.bad
+            assert any(p.context + p.good in s for s in sents), (name, p)  # held-out, unchanged
+            assert sorted(p.good) == sorted(p.bad) or name.endswith(("particles", "tones"))
+        assert make_probes(lang, texts) == made  # the same pairs every time
+
+
+def test_probe_loglikelihoods_equal_a_hand_computation(tiny_model, base_tok):
+    """Each continuation's summed log-probability, split as lm-evaluation-harness splits it,
+    equals the one computed token by token from the full logits; acc counts ties as wins."""
+    pairs = [Pair("The cat sat", " on the mat.", " mat the on."),
+             Pair("대한민국의 수도는", " 서울이다.", " 서울가다."), Pair("x", " y", " y")]
+    lls = probe_loglikelihoods(tiny_model, base_tok, pairs, "cpu", torch.autocast("cpu",
+                               enabled=False), batch_size=2)
+    for pair, got in zip(pairs, lls):
+        n_context = len(base_tok.encode(pair.context).ids)
+        for continuation, ll in zip((pair.good, pair.bad), got):
+            ids = base_tok.encode(pair.context + continuation).ids
+            logp = tiny_model(torch.tensor([ids[:-1]])).log_softmax(-1)[0]
+            expected = sum(logp[t - 1, ids[t]].item() for t in range(n_context, len(ids)))
+            assert abs(ll - expected) < 1e-4
+    assert lls[2][0] == lls[2][1]
+    acc = probe_accuracy(lls, pairs)
+    assert acc["n"] == 3 and acc["acc"] == sum(g >= b for g, b in lls) / 3
