@@ -43,7 +43,7 @@ from hf_io import from_pretrained
 from inputs import check_sources
 from model import Llama, flops_per_token
 from plan import plan_for_run
-from prepare import check_training_text, eval_sets, prepare_model
+from prepare import check_training_text, eval_sets, prepare_model, probe_sets
 from rundir import RENAMED, add_to_record, record_run
 from runlog import Metrics, Progress, bytes_per_token, open_sink
 from schedule import lr_at
@@ -60,6 +60,10 @@ class Config:
     eval_new: str = "hf:HuggingFaceFW/fineweb-2:kor_Hang:test"
     eval_en: str = "hf:HuggingFaceTB/smollm-corpus:fineweb-edu-dedup:train"  # = data_en: held out
     eval_bytes: int = 200_000  # UTF-8 bytes of held-out text per language
+    # grammar probes (probes.py): minimal pairs from the first probe_bytes of each held-out
+    # source (held out from training too), at most probe_pairs per probe; 0 bytes: no probes
+    probe_bytes: int = 200_000
+    probe_pairs: int = 1000
     # tokenizer and vocabulary expansion
     new_tokens: int = tokenizer.REFERENCE_NEW_TOKENS  # 49,152 + 8,981 = 58,133
     unicode_script: str = "hangul"  # every new token holds this script (tokenizer.SCRIPTS)
@@ -165,6 +169,7 @@ class Run:
     phases: list = None  # recipe(cfg), unless given
     corpora: list = None  # sources(cfg), unless given
     held_out: frozenset = frozenset()  # data.text_key of each held-out example: never trained on
+    probes: dict = dataclasses.field(default_factory=dict)  # {probe name: pairs} (probes.py)
     # the invocation's budget (max_hours, stop_after_steps) spans every stage and phase: a Kaggle
     # session of 12 hours must stop before it ends whichever phase it is in
     started: float = dataclasses.field(default_factory=time.time)  # when the command began
@@ -347,9 +352,12 @@ def train(run: Run, phase: Phase, training: Training, tok) -> dict:
             # evaluate: held-out bits per byte every eval_every steps and after the last one
             if state.step % cfg.eval_every == 0 or state.step == phase.steps:
                 headroom = []  # each layer's fp16 activation peak / fp16's maximum
+                # the grammar probes after init (the first phase's step 0) and at phase ends
+                probes = run.probes if state.step == phase.steps or (
+                    state.step == 0 and phase is run.phases[0]) else {}
                 scores = evaluate(state.raw_model, tok, run.evals, seq_len=cfg.seq_len,
                                   device=env.device, ctx=run.ctx, rank=env.rank,
-                                  world_size=env.world_size, headroom=headroom)
+                                  world_size=env.world_size, headroom=headroom, probes=probes)
                 progress.eval(state.step, scores, mix=state.mixture.realised(),
                               fp16_peak=headroom)
             if state.step == phase.steps:
@@ -461,10 +469,12 @@ def run_all(cfg: Config, env: DistEnv, stop: threading.Event, started: float) ->
         sink = on_master(env, functools.partial(open_sink, cfg.report_to, out, cfg,
                                                 phase_offsets=offsets, held=held, is_master=True))
         evals, held_out = eval_sets(corpora, cfg.eval_bytes, cfg.text_field, env.is_master)
+        probes, probe_keys = probe_sets(corpora, cfg.probe_bytes, cfg.probe_pairs, cfg.text_field)
+        held_out |= probe_keys
         check_training_text(corpora, held_out, cfg.text_field)  # before any stage: seconds
         run = Run(cfg, env, metrics=Metrics(out / "metrics.jsonl", env.is_master, sink),
                   evals=evals, stop=stop, phases=phases, corpora=corpora, held_out=held_out,
-                  started=started)
+                  probes=probes, started=started)
         on_master(env, prepare_model, run)  # base model, tokenizer, expanded model
         n_old_rows = read_json(out / "init" / "DONE.json", f"delete {out / 'init'}")["n_old_rows"]
         micro_batch = plan_for_run(cfg, env, out / "init", run.amp_dtype)

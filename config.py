@@ -282,6 +282,8 @@ def value_checks(cfg, phases: list) -> list:
               (0 < cfg.min_lr_ratio <= 1, "min_lr_ratio must be in (0, 1]"),
               (cfg.new_tokens > 0 and cfg.eval_bytes > 0 and cfg.pad_vocab_to > 0,
                "new_tokens, eval_bytes and pad_vocab_to must be positive"),
+              (cfg.probe_bytes >= 0 and cfg.probe_pairs > 0,
+               "probe_bytes must be >= 0 (0: no grammar probes) and probe_pairs > 0"),
               (min(cfg.log_every, cfg.eval_every, cfg.ckpt_every, cfg.keep_ckpts,
                    cfg.max_bad_steps) > 0,
                "log_every, eval_every, ckpt_every, keep_ckpts and max_bad_steps must be > 0")]

@@ -140,16 +140,25 @@ def watch_fp16_headroom(model):
 
 
 def evaluate(model, tok, evals: dict, seq_len: int, device, ctx, rank=0, world_size=1,
-             headroom: list = None) -> dict:
+             headroom: list = None, probes: dict = None) -> dict:
     """{'ko_bpb': ..., 'en_bpb': ...} for evals = {'ko': texts, 'en': texts} (keyed by language
-    code). A list passed as headroom is filled with each layer's peak fp16 activation as a
-    fraction of fp16's maximum."""
+    code), and for each grammar probe {'ko_particles_acc': ..., '..._acc_norm': ...}. A list
+    passed as headroom is filled with each layer's peak fp16 activation as a fraction of fp16's
+    maximum."""
     with watch_fp16_headroom(model) as fractions:
         scores = {f"{lang}_bpb": bits_per_byte(model, tok, texts, seq_len=seq_len, device=device,
                                                ctx=ctx, rank=rank, world_size=world_size)
                   for lang, texts in evals.items()}
     if headroom is not None:
         headroom += all_max(fractions, device) if world_size > 1 else fractions
+    for name, pairs in (probes or {}).items():  # pairs go round the ranks; counts are summed
+        mine = pairs[rank::world_size]
+        acc = probe_accuracy(probe_loglikelihoods(model, tok, mine, device, ctx), mine)
+        right, right_norm = round(acc["acc"] * acc["n"]), round(acc["acc_norm"] * acc["n"])
+        if world_size > 1:  # the base line is scored on rank 0 alone: no collective then
+            right, right_norm = all_sum([right, right_norm], device)
+        scores |= {f"{name}_acc": right / max(len(pairs), 1),
+                   f"{name}_acc_norm": right_norm / max(len(pairs), 1)}
     return scores
 
 

@@ -9,6 +9,7 @@ are the run's numbers. The card's front matter is Hugging Face's model-card meta
 languages, base_model), which the hub reads to link the model to its base.
 """
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -65,10 +66,10 @@ def smooth(values: list, weight: float = 0.9) -> list:
 # The plot: plots/training.png
 
 def plot(run: Path):
-    """A 2x3 figure against tokens trained (each phase after the one before, the boundaries
+    """A 2x4 figure against tokens trained (each phase after the one before, the boundaries
     marked): the loss, raw and smoothed; the new language's and English held-out bits per byte,
-    each on its own axis with the base model's line; the learning rate; tokens/s; each eval's
-    fp16 headroom."""
+    each on its own axis with the base model's line; the grammar probes; the learning rate;
+    tokens/s; each eval's fp16 headroom."""
     import matplotlib  # only here: the trainer never needs it, and it is slow to import
     matplotlib.use("Agg")  # files only: a server or a Kaggle kernel has no display
     import matplotlib.pyplot as plt
@@ -85,7 +86,7 @@ def plot(run: Path):
     base = next((r for r in recs if r["kind"] == "eval" and r["phase"] == "base"), {})
     if not train:
         return None
-    fig, axes = plt.subplots(2, 3, figsize=(16, 8))
+    fig, axes = plt.subplots(2, 4, figsize=(21, 8))
     ax = axes[0, 0]
     ax.plot([x(r) for r in train], [r["loss"] for r in train], color="tab:blue", lw=0.5,
             alpha=0.35, label="per step")
@@ -114,6 +115,17 @@ def plot(run: Path):
             color="tab:orange", ms=3, label="largest over layers")
     ax.axhline(FP16_WARN, color="grey", ls="--", lw=1, label="warning level")
     ax.set_title("fp16 headroom: peak |activation| / 65,504")
+    # the grammar probes: after init and at each phase's end, against the base model's
+    ax = axes[0, 3]
+    for name in sorted({k[:-4] for r in evals for k in r if k.endswith("_acc")}):
+        at = [r for r in evals if f"{name}_acc" in r]
+        line = ax.plot([x(r) for r in at], [r[f"{name}_acc"] for r in at], "o-", ms=3,
+                       label=name)[0]
+        if f"{name}_acc" in base:
+            ax.axhline(base[f"{name}_acc"], color=line.get_color(), ls="--", lw=1)
+    ax.axhline(0.5, color="grey", ls=":", lw=1, label="chance")
+    ax.set_title("grammar probes: accuracy (dashed: base model)")
+    axes[1, 3].axis("off")
     names = " | ".join(p["name"].upper() for p in cfg["phases"])
     for ax in axes.flat:
         for phase in cfg["phases"][1:]:
@@ -186,6 +198,35 @@ def held_out(cfg: dict, records: list) -> list:
             f"windows of {cfg['seq_len']} tokens. Bits per byte compare across tokenizers.", ""]
 
 
+def interval(acc: float, n: int) -> float:
+    """Half the width of a probe accuracy's 95% interval (normal approximation)."""
+    return 1.96 * math.sqrt(acc * (1 - acc) / max(n, 1))
+
+
+def probe_rows(cfg: dict, sizes: dict, columns: list) -> list:
+    """Per grammar probe: its accuracy (± its 95% interval) in each of columns (records)."""
+    return [f"| {name} ({n:,} pairs) | " + " | ".join(
+        f"{r[f'{name}_acc']:.1%} ± {interval(r[f'{name}_acc'], n):.1%}"
+        if f"{name}_acc" in r else "" for r in columns) + " |" for name, n in sizes.items()]
+
+
+def probes_table(cfg: dict, sizes: dict, records: list) -> list:
+    """The card's grammar-probe table: records are the base model's, after init, then each
+    phase's end."""
+    if not sizes:
+        return []
+    columns = ["base model", "after init",
+               *[f"after Phase {p['name'].upper()}" for p in cfg["phases"][:-1]], "final"]
+    return ["## Grammar probes (share of pairs where the original wins; higher is better)", "",
+            "| probe | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|",
+            *probe_rows(cfg, sizes, records), "",
+            "Minimal pairs made from held-out sentences (bori's probes.py): a sentence and the "
+            "same sentence with one rule broken (Korean: a particle's other allomorph; "
+            "Japanese: を/は/へ spelled as read; Vietnamese: another tone; every language: two "
+            "adjacent words swapped). Scored as lm-evaluation-harness's multiple-choice `acc`; "
+            "± is the 95% interval.", ""]
+
+
 def phase_row(phase: dict, result: dict) -> str:
     """The card's training-table row of one phase: its settings and its DONE.json; the shares
     each source really gave are shown where the mix has more than one."""
@@ -195,6 +236,13 @@ def phase_row(phase: dict, result: dict) -> str:
                 if len(shares) > 1 else "")
     return (f"| {phase['name'].upper()} | {TRAINS[phase['trains']]} | {phase['mix']}{realised} | "
             f"{result['steps']:,} | {result['tokens']:,} |")
+
+
+def after_init(run: Path) -> dict:
+    """The first phase's step-0 eval: the model as the init stage left it."""
+    first = run_config(run)["phases"][0]["name"]
+    return next((r for r in records(run) if r["kind"] == "eval" and r["phase"] == first
+                 and r["step"] == 0), {})
 
 
 def model_card(run: Path) -> str:
@@ -252,6 +300,8 @@ def model_card(run: Path) -> str:
         f"{cfg['min_lr_ratio']:g} of peak), peak lr {lrs}. "
         f"Hardware: {cfg['world_size']} x {cfg['device_name']}, {precision}.", "",
         *held_out(cfg, [init["base_bpb"], *results]),
+        *probes_table(cfg, tok.get("probes", {}), [init["base_bpb"], after_init(run),
+                                                   *results]),
         "## Licence", "", "Apache 2.0, as the base model. Made with bori.", ""]
     return "\n".join(lines)
 
@@ -293,6 +343,15 @@ def summary(run: Path):
         worse = f"  {after / before - 1:+.1%}, worse than the base" if (
             "bits" in name and after > before) else ""
         print(f"{name:<26}{before:>10.3f}{after:>10.3f}{worse}")
+    # a probe is worse only when it falls by more than its 95% interval: 1,000 pairs move by
+    # a few points from noise alone
+    for name, n in done(run, "tokenizer").get("probes", {}).items():
+        before, after = base.get(f"{name}_acc"), final.get(f"{name}_acc")
+        if before is None or after is None:
+            continue
+        worse = "  worse than the base (beyond its 95% interval)" if (
+            before - after > interval(before, n)) else ""
+        print(f"{name + ' probe':<26}{before:>10.1%}{after:>10.1%}{worse}")
     files = [("model", run / "final"), ("card", run / "final" / "README.md"),
              ("llama.cpp", run / "final.gguf"), ("plot", run / "plots" / "training.png"),
              ("metrics", run / "metrics.jsonl"), ("config", run / "config.json"),

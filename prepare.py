@@ -10,7 +10,9 @@ what a new language's rule (tokenizer.SCRIPTS) and its corpus give before a whol
 EEVE init: Kim et al. 2024, arXiv:2402.14714.
 """
 import argparse
+import dataclasses
 import hashlib
+import json
 import sys
 from pathlib import Path
 
@@ -18,13 +20,14 @@ from tokenizers import Tokenizer
 
 import data
 import tokenizer
-from atomic import atomic_dir, disk_errors, read_json, write_json
+from atomic import atomic_dir, disk_errors, read_json, write_json, write_text
 from checkpoint import export_folder, read_done, write_done
 from errors import about, warn
 from evaluate import evaluate, print_tokenizer_report, tokenizer_report
 from hf_io import from_pretrained
 from inputs import OFFLINE_BASE, check_merged_tokenizer, resolve_base
 from model import drop_padding_rows, expand_vocab
+from probes import make_probes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -37,11 +40,13 @@ LATIN = [(0x41, 0x5A), (0x61, 0x7A), (0xC0, 0x24F)]
 # text given as English holds ~12% Latin, French given as Vietnamese ~3% of those diacritics
 MIN_SCRIPT_SHARE = {"latin": 0.5}
 MIN_SCRIPT_SHARE_NEW = 0.05
+SCRIPT_CHECK_LETTERS = 10_000  # a few documents: enough to tell languages apart
 
 
 def check_script(flag: str, texts, corpus):
-    """The first 100,000 letters of texts are mostly in the corpus's script: swapped options
-    (--data_en given Korean) or text in another encoding fail now, not after a whole run."""
+    """The first SCRIPT_CHECK_LETTERS letters of texts are mostly in the corpus's script:
+    swapped options (--data_en given Korean) or text in another encoding fail now, not after
+    a whole run."""
     if not corpus.script:
         return
     ranges = LATIN if corpus.script == "latin" else tokenizer.SCRIPTS[corpus.script][1]
@@ -50,7 +55,7 @@ def check_script(flag: str, texts, corpus):
         for c in filter(str.isalpha, text):
             letters += 1
             inside += any(lo <= ord(c) <= hi for lo, hi in ranges)
-        if letters >= 100_000:
+        if letters >= SCRIPT_CHECK_LETTERS:
             break
     share = inside / max(letters, 1)
     if letters and share < MIN_SCRIPT_SHARE.get(corpus.script, MIN_SCRIPT_SHARE_NEW):
@@ -78,6 +83,22 @@ def eval_sets(corpora: list, eval_bytes: int, text_field: str, is_master: bool =
             warn(f"--{corpus.held_out_flag} holds only {size:,} of the {eval_bytes:,} bytes "
                  "asked for (eval_bytes): its bits per byte are measured on less text")
     return evals, frozenset(keys)
+
+
+def probe_sets(corpora: list, probe_bytes: int, max_pairs: int, text_field: str) -> tuple:
+    """({probe name: pairs}, the text_keys of the documents they come from): the grammar
+    probes of each language (probes.py), made from the first probe_bytes of its held-out
+    source, which training and the BPE then leave out as they do the eval texts."""
+    made, keys = {}, set()
+    for corpus in corpora:
+        if not probe_bytes:
+            break
+        with about(corpus.held_out_flag):
+            texts, taken = data.eval_docs(corpus.held_out, probe_bytes, text_field, keys=True)
+        # seed 0, not the run's: every run, whatever its seed, is scored on the same pairs
+        made.update(make_probes(corpus.name, texts, seed=0, max_pairs=max_pairs))
+        keys |= taken
+    return made, frozenset(keys)
 
 
 def check_training_text(corpora: list, held_out: frozenset, text_field: str):
@@ -130,7 +151,7 @@ def stage_tokenizer(run, base_dir: Path):
     tok_dir = run.out / "tokenizer"
     if (tok_dir / "DONE.json").is_file():
         done = read_done(tok_dir)  # its files are still what it wrote
-        check_same_held_out(run, done.get("held_out", held_out_digests(run.evals)))
+        check_same_held_out(run, done.get("held_out", held_out_digests(run)))
         return
     # whole or not at all: a kill or a full disk mid-stage leaves no half tokenizer to trust
     with disk_errors(tok_dir), atomic_dir(tok_dir) as tmp:
@@ -143,23 +164,36 @@ def stage_tokenizer(run, base_dir: Path):
               "the standalone BPE's tokens turned away: "
               + ", ".join(f"{n:,} {why}" for why, n in done["rejected"].items()), flush=True)
         write_json(tmp / "report.json", report)
+        write_probes(tmp / "probes.jsonl", run.probes)  # the pairs, for lm_eval_tasks.py
         # last: DONE.json is the stage's proof it finished
-        write_done(tmp, {**done, **report, "held_out": held_out_digests(run.evals)})
+        write_done(tmp, {**done, **report, "held_out": held_out_digests(run),
+                         "probes": {name: len(pairs) for name, pairs in run.probes.items()}})
 
 
-def held_out_digests(evals: dict) -> dict:
-    """{language: a digest of its held-out texts}: what every score of the run is measured on."""
-    return {name: hashlib.sha256("\x00".join(texts).encode()).hexdigest()[:16]
-            for name, texts in evals.items()}
+def write_probes(path: Path, probes: dict):
+    """The grammar probes' pairs, one JSON object per line: {probe, context, good, bad}."""
+    write_text(path, "".join(json.dumps({"probe": name, **dataclasses.asdict(pair)},
+                                        ensure_ascii=False) + "\n"
+                             for name, pairs in probes.items() for pair in pairs))
+
+
+def held_out_digests(run) -> dict:
+    """{language or probe: a digest of its held-out texts or pairs}: what every score of the
+    run is measured on."""
+    texts = {**run.evals, **{name: [f"{p.context}\x01{p.good}\x01{p.bad}" for p in pairs]
+                             for name, pairs in run.probes.items()}}
+    return {name: hashlib.sha256("\x00".join(t).encode()).hexdigest()[:16]
+            for name, t in texts.items()}
 
 
 def check_same_held_out(run, recorded: dict):
     """The held-out texts are those the run began with: an eval file edited (or its hub
     dataset updated) between two commands would score the rest of the run on other text
     than its base line, and hold out documents that training or the BPE may have read."""
-    now = held_out_digests(run.evals)
+    now = held_out_digests(run)
     for corpus in run.corpora:
-        if recorded.get(corpus.name, now[corpus.name]) != now[corpus.name]:
+        names = [name for name in now if name == corpus.name or name.startswith(corpus.name + "_")]
+        if any(recorded.get(name, now[name]) != now[name] for name in names):
             raise ValueError(f"--{corpus.held_out_flag}: its first eval_bytes of text are not "
                              "what this run began with (the base line and every score so far "
                              "were measured on them, and the BPE and training left them out); "
@@ -185,7 +219,7 @@ def stage_init(run, base_dir: Path):
     run.metrics.truncate_after("base", 0)
     headroom = []
     scores = evaluate(base, base_tok, run.evals, seq_len=cfg.seq_len, device=run.env.device,
-                      ctx=run.ctx, headroom=headroom)
+                      ctx=run.ctx, headroom=headroom, probes=run.probes)
     # fp16_peak: each layer's largest activation over fp16's 65,504, the base's own headroom
     run.metrics.log(kind="eval", phase="base", step=0, **scores,
                     fp16_peak=[round(p, 4) for p in headroom])

@@ -37,7 +37,8 @@ def fixed_by_stage(phases: list) -> dict:
     fixed = {
         # the held-out texts too: the BPE leaves them out, and its report measures them
         "tokenizer": ["base", "lang", "data_new", "text_field", "new_tokens", "unicode_script",
-                      "tokenizer_data", "tokenizer_bytes", "eval_new", "eval_en", "eval_bytes"],
+                      "tokenizer_data", "tokenizer_bytes", "eval_new", "eval_en", "eval_bytes",
+                      "probe_bytes", "probe_pairs"],
         "init": ["init"],
         # the batch's shape and the streams' seeds: every later phase takes the streams over
         phases[0].folder: ["pad_vocab_to", "seq_len", "micro_batch", "batch_tokens",

@@ -37,7 +37,8 @@ def tiny_flags(out_dir, base_dir, **overrides) -> list:
     """A complete but tiny run: a random 2-layer model with the real tokenizer, bundled text."""
     flags = dict(out_dir=out_dir, base=base_dir, data_ko=data.BUNDLED["ko_train"],
                  data_en=data.BUNDLED["en_train"], eval_ko=data.BUNDLED["ko_eval"],
-                 eval_en=data.BUNDLED["en_eval"], eval_bytes=1500, new_tokens=300,
+                 eval_en=data.BUNDLED["en_eval"], eval_bytes=1500, probe_bytes=3000,
+                 probe_pairs=20, new_tokens=300,
                  tokenizer_bytes=300_000, seq_len=32, micro_batch=2, batch_tokens=128,
                  steps_1a=6, lr_1a=1e-2, warmup_1a=1, decay_1a=2, steps_1b=6, lr_1b=1e-2,
                  warmup_1b=1, decay_1b=2, grad_checkpointing=True, eval_every=3,

@@ -4,8 +4,9 @@
 Nothing in the run changes: three functions are wrapped to note their results. Each rank writes
 TRACE_DIR/rank-R.json with every token id each of its training streams read, with the pass it
 belongs to, and how many of them it handed to training (one record per stream object: a phase's
-stream of a source), the held-out texts it was given, and, on the rank that trains the
-tokenizer, the texts the BPE read.
+stream of a source), the held-out texts it was given and the text_key of every held-out
+document (the eval texts' and the grammar probes'), and, on the rank that trains the tokenizer,
+the texts the BPE read.
 """
 import json
 import sys
@@ -15,7 +16,7 @@ import bori
 import data
 import prepare
 
-trace = {"streams": {}, "held_out": {}, "bpe": []}
+trace = {"streams": {}, "held_out": {}, "held_out_keys": [], "bpe": []}
 
 take, refill = data.PackedStream.take, data.PackedStream._refill
 
@@ -50,7 +51,17 @@ eval_sets = bori.eval_sets
 def traced_eval_sets(*args, **kwargs):
     evals, keys = eval_sets(*args, **kwargs)
     trace["held_out"] = evals
+    trace["held_out_keys"] += [k.hex() for k in keys]
     return evals, keys
+
+
+probe_sets = bori.probe_sets
+
+
+def traced_probe_sets(*args, **kwargs):  # the probes' documents are held out as well
+    probes, keys = probe_sets(*args, **kwargs)
+    trace["held_out_keys"] += [k.hex() for k in keys]
+    return probes, keys
 
 
 bpe_training_text = prepare.bpe_training_text
@@ -63,7 +74,7 @@ def traced_bpe_training_text(run):
 
 
 data.PackedStream.take, data.PackedStream._refill = traced_take, traced_refill
-bori.eval_sets = traced_eval_sets
+bori.eval_sets, bori.probe_sets = traced_eval_sets, traced_probe_sets
 prepare.bpe_training_text = traced_bpe_training_text
 
 if __name__ == "__main__":
