@@ -34,7 +34,10 @@ DEMO = dict(base=OFFLINE_BASE, data_en=data.BUNDLED["en_train"], eval_en=data.BU
             eval_bytes=4000, tokenizer_bytes=0, seq_len=256, micro_batch=2, batch_tokens=512,
             steps_1a=30, lr_1a=3e-4, warmup_1a=3, decay_1a=6, steps_1b=30, lr_1b=2e-4,
             warmup_1b=3, decay_1b=6, grad_checkpointing=False, log_every=5, eval_every=15,
-            ckpt_every=10, sample_tokens=24)  # offline, on a CPU: the bundled corpora
+            ckpt_every=10, sample_tokens=24,  # offline, on a CPU: the bundled corpora
+            # 200 pairs per probe (± about 5 points): scoring them 4 times costs about 2 of the
+            # demo's minutes on 2 cores, most of it the base model's long Korean token strings
+            probe_pairs=200)
 
 
 def language(code: str, demo: bool) -> dict:

@@ -127,7 +127,7 @@ def plot(run: Path):
     ax.set_title("grammar probes: accuracy (dashed: base model)")
     axes[1, 3].axis("off")
     names = " | ".join(p["name"].upper() for p in cfg["phases"])
-    for ax in axes.flat:
+    for ax in filter(lambda ax: ax.axison, axes.flat):  # the one left blank stays blank
         for phase in cfg["phases"][1:]:
             ax.axvline(offset[phase["name"]] / 1e6, color="grey", ls=":", lw=1)
         ax.set_xlabel(f"tokens trained, millions (dotted: Phase {names})")
