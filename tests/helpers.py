@@ -160,3 +160,18 @@ def flip_bit(path: Path, offset_from_end: int = 1000):
 
 def cut_short(path: Path):
     path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+
+
+def write_source(folder: Path, kind: str, n_files: int, texts: list) -> Path:
+    """texts spread round-robin over n_files local files of kind jsonl or parquet in folder."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    folder.mkdir(parents=True)
+    for f in range(n_files):
+        part = texts[f::n_files]
+        if kind == "parquet":
+            pq.write_table(pa.table({"text": part}), folder / f"part-{f}.parquet")
+        else:
+            (folder / f"part-{f}.jsonl").write_text("".join(
+                json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in part))
+    return folder

@@ -13,6 +13,7 @@ import torch
 import bori
 import data
 from data import Mixture, PackedStream, Source
+from helpers import write_source
 
 
 EOS = 0
@@ -205,21 +206,6 @@ def test_resume_at_every_batch_twice_over_equals_the_stream_across_an_epoch_wrap
         assert got == expected, rank
 
 
-def write_source(folder, kind: str, n_files: int, texts: list):
-    """texts spread round-robin over n_files local files of kind jsonl or parquet."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    folder.mkdir(parents=True)
-    for f in range(n_files):
-        part = texts[f::n_files]
-        if kind == "parquet":
-            pq.write_table(pa.table({"text": part}), folder / f"part-{f}.parquet")
-        else:
-            (folder / f"part-{f}.jsonl").write_text("".join(
-                json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in part))
-    return str(folder)
-
-
 class TextIds:
     """A stand-in tokenizer: each text is one token, its index in texts; what a stream's
     buffer holds then names exactly the texts it trained on."""
@@ -252,7 +238,7 @@ def test_held_out_text_reaches_no_rank_of_a_source_that_is_also_eval(tmp_path, k
     and a count of examples skipped before the split left 5 of 11 held-out documents in rank
     0's share; by content, none is trained on at 1, 2 or 3 processes, and nothing else is lost."""
     texts = [f"document {i}: " + "words of text " * (3 + i % 5) for i in range(48)]
-    path = write_source(tmp_path / "src", kind, n_files, texts)
+    path = str(write_source(tmp_path / "src", kind, n_files, texts))
     held, keys = data.eval_docs(path, 600, keys=True)
     assert 5 <= len(held) < len(texts) and len(keys) == len(held)
     src = data.Source("en", path)
@@ -332,7 +318,7 @@ def test_unequal_local_files_give_every_rank_an_equal_share(tmp_path, kind):
         pq.write_table(pa.table({"text": small}), tmp_path / "src" / "b.parquet")
         path = str(tmp_path / "src")
     else:
-        path = write_source(tmp_path / "src", "jsonl", 1, texts)
+        path = str(write_source(tmp_path / "src", "jsonl", 1, texts))
         (tmp_path / "src" / "part-9.jsonl").write_text(
             "".join(json.dumps({"text": t}) + "\n" for t in small))
     src = data.Source("en", path)

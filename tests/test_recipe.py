@@ -26,7 +26,8 @@ import data
 from errors import EXIT_INTERRUPTED, TrainingStopped
 from gguf_io import read_gguf
 from helpers import (ENV, ROOT, assert_same_run, command, flip_bit, free_port, logged,
-                     n_train_records, one_error, process_tree, run_until, send, tiny_flags, weights)
+                     n_train_records, one_error, process_tree, run_until, send, tiny_flags, weights,
+                     write_source)
 from hf_io import from_pretrained
 
 
@@ -611,21 +612,6 @@ def test_the_demo_preset_runs_on_two_processes_as_it_is(tmp_path, demo_stages):
     assert json.loads((out / "config.json").read_text())["grad_accum"] == 1
 
 
-def write_docs(folder: Path, kind: str, n_files: int, texts: list) -> Path:
-    """texts spread round-robin over n_files local files of kind jsonl or parquet."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    folder.mkdir(parents=True)
-    for f in range(n_files):
-        part = texts[f::n_files]
-        if kind == "parquet":
-            pq.write_table(pa.table({"text": part}), folder / f"part-{f}.parquet")
-        else:
-            (folder / f"part-{f}.jsonl").write_text("".join(
-                json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in part))
-    return folder
-
-
 def trained_documents(records: list, tok, eos_id: int) -> list:
     """(pass, text) of each whole document one source's streams on one rank handed to
     training (traced_run.py), phase after phase: each stream's tokens cut to those it took,
@@ -661,8 +647,8 @@ def test_no_rank_trains_on_held_out_text_in_a_real_run(world, ko_files, en_files
     from tokenizers import Tokenizer
     korean = [f"문서 {i}번: " + "한국어 문장을 여기에 씁니다. " * (2 + i % 4) for i in range(60)]
     english = [f"Document {i}: " + "some words of text. " * (1 + i % 3) for i in range(60)]
-    ko = write_docs(tmp_path / "ko", ko_files[1], ko_files[0], korean)
-    en = write_docs(tmp_path / "en", en_files[1], en_files[0], english)
+    ko = write_source(tmp_path / "ko", ko_files[1], ko_files[0], korean)
+    en = write_source(tmp_path / "en", en_files[1], en_files[0], english)
     first_ko = sorted(ko.iterdir())[0]
     link = tmp_path / f"link{first_ko.suffix}"
     link.symlink_to(first_ko)
