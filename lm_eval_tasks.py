@@ -16,6 +16,10 @@ import json
 import sys
 from pathlib import Path
 
+# One probe as an lm_eval task. doc_to_text and doc_to_choice name the data file's fields (no
+# Jinja, which could touch spaces); target_delimiter "" because the continuations carry their
+# own leading space, and lm_eval would otherwise put another between context and choice.
+# doc_to_target 0: the first choice, the held-out original, is the right one.
 TASK = """task: {task}
 dataset_path: json
 dataset_kwargs:
@@ -45,7 +49,7 @@ def write_tasks(run: Path) -> list:
         raise FileNotFoundError(f"{source} does not exist: the run's tokenizer stage has not "
                                 "finished, or it predates the grammar probes (rerun it in a "
                                 "new out_dir)")
-    by_probe = {}
+    by_probe = {}  # probe name -> its documents in the task's format
     for line in source.read_text(encoding="utf-8").splitlines():
         pair = json.loads(line)
         by_probe.setdefault(pair["probe"], []).append(
@@ -56,12 +60,15 @@ def write_tasks(run: Path) -> list:
         data = out / f"{probe}.jsonl"
         data.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs),
                         encoding="utf-8")
+        # an absolute path: lm_eval resolves a relative one against its working folder
         (out / f"bori_{probe}.yaml").write_text(TASK.format(task=f"bori_{probe}",
                                                             data=json.dumps(str(data.resolve()))))
     return [f"bori_{probe}" for probe in by_probe]
 
 
 def main(argv=None):
+    """Write the tasks and print the command that runs them; a run without probes (or not yet
+    past its tokenizer stage) is one sentence."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("run", help="a bori out_dir")
     args = p.parse_args(argv)
