@@ -116,17 +116,22 @@ def on_master(env: DistEnv, work, *args):
 
 def on_each_rank(env: DistEnv, work, *args):
     """work(*args) on every rank (a file each writes of its own); its result. If it fails on
-    any rank, every rank stops: each failing one with its sentence, the others quietly."""
+    any rank, every rank stops: rank 0 with its sentence if it failed too (a full disk shared
+    by all: one sentence, not one per rank), else each failing rank with its own; the others
+    quietly."""
     error = result = None
     try:
         result = work(*args)
     except (ValueError, OSError) as e:  # a user's problem with its fix: handed on below
         error = e
-    if all_sum([float(error is not None)], env.device)[0]:
-        if error is None:
+    failed = [0.0] * env.world_size
+    failed[env.rank] = float(error is not None)
+    failed = all_sum(failed, env.device)  # which ranks failed, known to every rank
+    if any(failed):
+        if error is None or (failed[0] and env.rank != 0):
             raise PeerStopped()
-        # a RankError: said by this rank even when it is not rank 0 (errors.exit_code)
-        raise error if env.world_size == 1 else RankError(str(error)) from None
+        # rank 0 speaks as ever; another rank's own failure is a RankError, which it says
+        raise error if env.rank == 0 else RankError(str(error)) from None
     return result
 
 

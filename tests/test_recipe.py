@@ -223,22 +223,28 @@ def test_a_refused_write_in_any_stage_is_one_sentence(stage, limit, message, tmp
 @pytest.mark.slow
 def test_a_refused_hand_over_write_is_rank_1_s_sentence_and_loses_nothing(tmp_path, tiny_base,
                                                                           ddp_reference, fresh):
-    """Phase 1A's end on 2 gloo processes, where the kernel refuses rank 1's data-rank1.pt (a
-    folder stands at its path): one sentence from rank 1, none from rank 0, no half-written
-    file, the phase not marked done and its checkpoints kept; once the path is free, the same
-    command ends in the uninterrupted run's weights."""
+    """Phase 1A's end on 2 gloo processes, where the kernel refuses data-rank*.pt (a folder
+    stands at its path): refused on both ranks, rank 0's one sentence; on rank 1 alone, rank
+    1's one sentence, none from rank 0. No half-written file, the phase not marked done and
+    its checkpoints kept; once the path is free, the same command ends in the uninterrupted
+    run's weights."""
     out = fresh(tmp_path / "run")
-    blocker = out / "phase1a" / "data-rank1.pt"
-    (blocker / "inside").mkdir(parents=True)
-    code, err, _ = run_until(command(out, tiny_base, 2), lambda: False)
-    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
-    assert code != 0 and len(lines) == 1, err[-3000:]
-    assert re.search(r"could not write .*phase1a/data-rank1.pt \(Is a directory\); a file stands "
-                     r"where a folder should \(or the other way round\): move it", lines[0])
-    assert f'File "{ROOT}' not in err  # no traceback through bori on either rank
-    assert not (out / "phase1a" / "DONE.json").exists() and list(out.glob("phase1a/ckpt-*"))
-    assert not list(out.rglob("*.tmp")) and not list(out.rglob("*.tmp.*"))
-    shutil.rmtree(blocker)
+    blockers = [out / "phase1a" / f"data-rank{r}.pt" for r in (0, 1)]
+    for blocker in blockers:
+        (blocker / "inside").mkdir(parents=True)
+    # both ranks refused alike (one disk for all): rank 0's sentence alone, not one per rank;
+    # then rank 1's alone: its own sentence
+    for rank in (0, 1):
+        code, err, _ = run_until(command(out, tiny_base, 2), lambda: False)
+        lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+        assert code != 0 and len(lines) == 1, err[-3000:]
+        assert re.search(rf"could not write .*phase1a/data-rank{rank}.pt \(Is a directory\); a "
+                         r"file stands where a folder should \(or the other way round\): move it",
+                         lines[0])
+        assert f'File "{ROOT}' not in err  # no traceback through bori on either rank
+        assert not (out / "phase1a" / "DONE.json").exists() and list(out.glob("phase1a/ckpt-*"))
+        assert not list(out.rglob("*.tmp")) and not list(out.rglob("*.tmp.*"))
+        shutil.rmtree(blockers[rank])
     code, err, _ = run_until(command(out, tiny_base, 2), lambda: False)
     assert code == 0, err[-2000:]
     assert_same_run(out, ddp_reference)
