@@ -9,6 +9,7 @@
    equally short Phase 1B with and without the 10% English replay.
 3. Tokens per character of the new language, and generation speed in tokens and characters per
    second.
+4. The grammar probes (probes.py) at each of those points.
 Everything else is the language's demo preset (bundled corpora, seq 256, fixed seeds). Writes a
 table, a PNG next to the JSON, and JSON with the keys the README's Results section quotes.
 EEVE: Kim et al. 2024, arXiv:2402.14714. About 37 minutes on 2 CPU cores for Korean (README).
@@ -29,7 +30,7 @@ from inputs import resolve_base
 from data import LANGUAGES, language_name
 from distributed import DistEnv
 from hf_io import from_pretrained
-from prepare import eval_sets, stage_init, stage_tokenizer
+from prepare import eval_sets, probe_sets, stage_init, stage_tokenizer
 from runlog import Metrics
 
 # EEVE and two simpler inits of the new rows (model.expand_vocab): the mean of all base rows,
@@ -52,8 +53,10 @@ def make_run(cfg, out: Path) -> bori.Run:
     cfg = dataclasses.replace(cfg, out_dir=str(out))
     out.mkdir(parents=True, exist_ok=True)
     evals, held_out = eval_sets(bori.sources(cfg), cfg.eval_bytes, cfg.text_field)
+    probes, probe_keys = probe_sets(bori.sources(cfg), cfg.probe_bytes, cfg.probe_pairs,
+                                    cfg.text_field)
     return bori.Run(cfg, DistEnv(), metrics=Metrics(out / "metrics.jsonl", True), evals=evals,
-                    stop=threading.Event(), held_out=held_out)
+                    stop=threading.Event(), held_out=held_out | probe_keys, probes=probes)
 
 
 def run_init(cfg, root: Path, init: str, base_dir: Path) -> Path:
@@ -156,6 +159,11 @@ def print_table(res: dict, lang: str):
         print(f"{label:<28}{k:>11.4f}{e:>9.4f}")
     print(f"English drift after 1B: replay {res['en_drift_after_1b']['replay']:+.1%}, "
           f"no replay {res['en_drift_after_1b']['no_replay']:+.1%}")
+    for probe, scores in res["probes"].items():  # ± the 95% interval of each accuracy
+        n = res["probe_pairs"][probe]
+        print(f"{probe} probe ({n} pairs): " + ", ".join(
+            f"{at} {acc:.1%}±{1.96 * (acc * (1 - acc) / n) ** 0.5:.1%}"
+            for at, acc in scores.items()))
     t = res[f"{lang}_tokens_per_char"]
     g = res["generation"]
     print(f"{name} tokens per character: base {t['base']:.3f}, merged {t['merged']:.3f}; "
@@ -184,6 +192,15 @@ def results(cfg, args, runs: dict, root: Path, phases: list) -> dict:
                                        for i in INITS}
         res[f"after_1b_{code}_bpb"] = {n: evals_of(runs[n], second.name)[-1][f"{code}_bpb"]
                                        for n in ("replay", "no_replay")}
+    # the grammar probes: the base, each init at step 0 and after 1A, each 1B at its end
+    names = [k[:-4] for k in base if k.endswith("_acc")]
+    res["probes"] = {name: {
+        "base": base[f"{name}_acc"],
+        **{f"{i}, step 0": evals_of(runs[i], first.name)[0][f"{name}_acc"] for i in INITS},
+        **{f"{i}, after 1A": evals_of(runs[i], first.name)[-1][f"{name}_acc"] for i in INITS},
+        **{f"1B {n.replace('_', ' ')}": evals_of(runs[n], second.name)[-1][f"{name}_acc"]
+           for n in ("replay", "no_replay")}} for name in names}
+    res["probe_pairs"] = json.loads((root / "tokenizer" / "DONE.json").read_text())["probes"]
     # English relative to the base: the replay's claim is that this stays small
     res["en_drift_after_1b"] = {n: v / res["base_en_bpb"] - 1
                                 for n, v in res["after_1b_en_bpb"].items()}
