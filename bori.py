@@ -336,6 +336,13 @@ def stop_requested(run: Run) -> bool:
     return all_sum([float(bool(local))], run.env.device)[0] > 0
 
 
+def probes_due(run: Run, phase: Phase, step: int) -> dict:
+    """The grammar probes after init (the first phase's step 0) and at each phase's end; at
+    the evals between, bits per byte alone (a probe scoring costs as much as many steps)."""
+    due = step == phase.steps or (step == 0 and phase is run.phases[0])
+    return run.probes if due else {}
+
+
 def train(run: Run, phase: Phase, training: Training, tok) -> dict:
     """The loop: evaluate, save or stop, step, log; returns the last held-out scores."""
     cfg, env, state = run.cfg, run.env, training
@@ -352,12 +359,10 @@ def train(run: Run, phase: Phase, training: Training, tok) -> dict:
             # evaluate: held-out bits per byte every eval_every steps and after the last one
             if state.step % cfg.eval_every == 0 or state.step == phase.steps:
                 headroom = []  # each layer's fp16 activation peak / fp16's maximum
-                # the grammar probes after init (the first phase's step 0) and at phase ends
-                probes = run.probes if state.step == phase.steps or (
-                    state.step == 0 and phase is run.phases[0]) else {}
                 scores = evaluate(state.raw_model, tok, run.evals, seq_len=cfg.seq_len,
                                   device=env.device, ctx=run.ctx, rank=env.rank,
-                                  world_size=env.world_size, headroom=headroom, probes=probes)
+                                  world_size=env.world_size, headroom=headroom,
+                                  probes=probes_due(run, phase, state.step))
                 progress.eval(state.step, scores, mix=state.mixture.realised(),
                               fp16_peak=headroom)
             if state.step == phase.steps:

@@ -108,23 +108,8 @@ def plot(run: Path):
                            (axes[1, 1], "tok_per_s", "throughput (tokens/s)")):
         ax.plot([x(r) for r in train], [r[key] for r in train], color="tab:purple", lw=1)
         ax.set_title(title)
-    ax = axes[1, 2]
-    # fp16's largest finite number is 65,504: a peak creeping towards 1 is an overflow coming,
-    # seen here before the loss turns non-finite
-    ax.plot([x(r) for r in evals], [max(r.get("fp16_peak") or [0]) for r in evals], "o-",
-            color="tab:orange", ms=3, label="largest over layers")
-    ax.axhline(FP16_WARN, color="grey", ls="--", lw=1, label="warning level")
-    ax.set_title("fp16 headroom: peak |activation| / 65,504")
-    # the grammar probes: after init and at each phase's end, against the base model's
-    ax = axes[0, 3]
-    for name in sorted({k[:-4] for r in evals for k in r if k.endswith("_acc")}):
-        at = [r for r in evals if f"{name}_acc" in r]
-        line = ax.plot([x(r) for r in at], [r[f"{name}_acc"] for r in at], "o-", ms=3,
-                       label=name)[0]
-        if f"{name}_acc" in base:
-            ax.axhline(base[f"{name}_acc"], color=line.get_color(), ls="--", lw=1)
-    ax.axhline(0.5, color="grey", ls=":", lw=1, label="chance")
-    ax.set_title("grammar probes: accuracy (dashed: base model)")
+    plot_fp16(axes[1, 2], evals, x)
+    plot_probes(axes[0, 3], evals, base, x)
     axes[1, 3].axis("off")
     names = " | ".join(p["name"].upper() for p in cfg["phases"])
     for ax in filter(lambda ax: ax.axison, axes.flat):  # the one left blank stays blank
@@ -136,6 +121,28 @@ def plot(run: Path):
             ax.legend(fontsize=8)
     fig.suptitle(f"bori run {run.name}")
     return save_figure(fig, run / "plots" / "training.png")
+
+
+def plot_fp16(ax, evals: list, x):
+    """Each eval's largest fp16 activation over fp16's largest finite number, 65,504: a peak
+    creeping towards 1 is an overflow coming, seen here before the loss turns non-finite."""
+    ax.plot([x(r) for r in evals], [max(r.get("fp16_peak") or [0]) for r in evals], "o-",
+            color="tab:orange", ms=3, label="largest over layers")
+    ax.axhline(FP16_WARN, color="grey", ls="--", lw=1, label="warning level")
+    ax.set_title("fp16 headroom: peak |activation| / 65,504")
+
+
+def plot_probes(ax, evals: list, base: dict, x):
+    """The grammar probes after init and at each phase's end, each against the base model's
+    score (dashed, its colour)."""
+    for name in sorted({k[:-4] for r in evals for k in r if k.endswith("_acc")}):
+        at = [r for r in evals if f"{name}_acc" in r]
+        line = ax.plot([x(r) for r in at], [r[f"{name}_acc"] for r in at], "o-", ms=3,
+                       label=name)[0]
+        if f"{name}_acc" in base:
+            ax.axhline(base[f"{name}_acc"], color=line.get_color(), ls="--", lw=1)
+    ax.axhline(0.5, color="grey", ls=":", lw=1, label="chance")
+    ax.set_title("grammar probes: accuracy (dashed: base model)")
 
 
 def tokens_before(cfg: dict) -> dict:

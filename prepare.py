@@ -90,9 +90,7 @@ def probe_sets(corpora: list, probe_bytes: int, max_pairs: int, text_field: str)
     probes of each language (probes.py), made from the first probe_bytes of its held-out
     source, which training and the BPE then leave out as they do the eval texts."""
     made, keys = {}, set()
-    for corpus in corpora:
-        if not probe_bytes:
-            break
+    for corpus in corpora if probe_bytes else []:  # probe_bytes=0: no probes
         with about(corpus.held_out_flag):
             texts, taken = data.eval_docs(corpus.held_out, probe_bytes, text_field, keys=True)
         # seed 0, not the run's: every run, whatever its seed, is scored on the same pairs
