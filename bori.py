@@ -43,7 +43,8 @@ from hf_io import from_pretrained
 from inputs import check_sources
 from model import Llama, flops_per_token
 from plan import plan_for_run
-from prepare import check_training_text, eval_sets, prepare_model, probe_sets
+from prepare import (check_training_text, eval_sets, prepare_model, probe_texts,
+                     read_probes)
 from rundir import RENAMED, add_to_record, record_run
 from runlog import Metrics, Progress, bytes_per_token, open_sink
 from schedule import lr_at
@@ -61,7 +62,8 @@ class Config:
     eval_en: str = "hf:HuggingFaceTB/smollm-corpus:fineweb-edu-dedup:train"  # = data_en: held out
     eval_bytes: int = 200_000  # UTF-8 bytes of held-out text per language
     # grammar probes (probes.py): minimal pairs from the first probe_bytes of each held-out
-    # source (held out from training too), at most probe_pairs per probe; 0 bytes: no probes
+    # source (held out from training too), at most probe_pairs per probe, each with as many
+    # tokens of the merged tokenizer on both sides; 0 bytes: no probes
     probe_bytes: int = 200_000
     probe_pairs: int = 1000
     # tokenizer and vocabulary expansion
@@ -169,7 +171,8 @@ class Run:
     phases: list = None  # recipe(cfg), unless given
     corpora: list = None  # sources(cfg), unless given
     held_out: frozenset = frozenset()  # data.text_key of each held-out example: never trained on
-    probes: dict = dataclasses.field(default_factory=dict)  # {probe name: pairs} (probes.py)
+    probe_texts: dict = dataclasses.field(default_factory=dict)  # per language: the probes'
+    probes: dict = dataclasses.field(default_factory=dict)  # {probe name: pairs}: from tokenizer/
     # the invocation's budget (max_hours, stop_after_steps) spans every stage and phase: a Kaggle
     # session of 12 hours must stop before it ends whichever phase it is in
     started: float = dataclasses.field(default_factory=time.time)  # when the command began
@@ -474,13 +477,14 @@ def run_all(cfg: Config, env: DistEnv, stop: threading.Event, started: float) ->
         sink = on_master(env, functools.partial(open_sink, cfg.report_to, out, cfg,
                                                 phase_offsets=offsets, held=held, is_master=True))
         evals, held_out = eval_sets(corpora, cfg.eval_bytes, cfg.text_field, env.is_master)
-        probes, probe_keys = probe_sets(corpora, cfg.probe_bytes, cfg.probe_pairs, cfg.text_field)
+        probe_sources, probe_keys = probe_texts(corpora, cfg.probe_bytes, cfg.text_field)
         held_out |= probe_keys
         check_training_text(corpora, held_out, cfg.text_field)  # before any stage: seconds
         run = Run(cfg, env, metrics=Metrics(out / "metrics.jsonl", env.is_master, sink),
                   evals=evals, stop=stop, phases=phases, corpora=corpora, held_out=held_out,
-                  probes=probes, started=started)
+                  probe_texts=probe_sources, started=started)
         on_master(env, prepare_model, run)  # base model, tokenizer, expanded model
+        run.probes = read_probes(out / "tokenizer")  # made by the tokenizer stage
         n_old_rows = read_json(out / "init" / "DONE.json", f"delete {out / 'init'}")["n_old_rows"]
         micro_batch = plan_for_run(cfg, env, out / "init", run.amp_dtype)
         cfg = run.cfg = dataclasses.replace(cfg, micro_batch=micro_batch)

@@ -102,10 +102,13 @@ def probe_loglikelihoods(model, tok, pairs: list, device, ctx, batch_size: int =
 
 def probe_accuracy(lls: list, pairs: list) -> dict:
     """lm-evaluation-harness's acc and acc_norm for pairs scored by probe_loglikelihoods: the
-    share of pairs whose original wins (a tie goes to the original: argmax takes the first),
-    by summed log-probability and by log-probability per character of the continuation."""
-    acc = sum(good >= bad for good, bad in lls)
-    norm = sum(good / len(p.good) >= bad / len(p.bad) for (good, bad), p in zip(lls, pairs))
+    share of pairs whose original wins, by summed log-probability and by log-probability per
+    character of the continuation. A tie goes to the choice listed first (the harness's argmax),
+    the original in half of the pairs (Pair.good_first): a model that cannot tell scores 50%."""
+    def wins(good: float, bad: float, pair) -> bool:
+        return good > bad or (good == bad and pair.good_first)
+    acc = sum(wins(good, bad, p) for (good, bad), p in zip(lls, pairs))
+    norm = sum(wins(good / len(p.good), bad / len(p.bad), p) for (good, bad), p in zip(lls, pairs))
     return {"acc": acc / max(len(pairs), 1), "acc_norm": norm / max(len(pairs), 1),
             "n": len(pairs)}
 

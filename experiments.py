@@ -30,7 +30,7 @@ from inputs import resolve_base
 from data import LANGUAGES, language_name
 from distributed import DistEnv
 from hf_io import from_pretrained
-from prepare import eval_sets, probe_sets, stage_init, stage_tokenizer
+from prepare import eval_sets, probe_texts, read_probes, stage_init, stage_tokenizer
 from runlog import Metrics
 
 # EEVE and two simpler inits of the new rows (model.expand_vocab): the mean of all base rows,
@@ -53,10 +53,12 @@ def make_run(cfg, out: Path) -> bori.Run:
     cfg = dataclasses.replace(cfg, out_dir=str(out))
     out.mkdir(parents=True, exist_ok=True)
     evals, held_out = eval_sets(bori.sources(cfg), cfg.eval_bytes, cfg.text_field)
-    probes, probe_keys = probe_sets(bori.sources(cfg), cfg.probe_bytes, cfg.probe_pairs,
-                                    cfg.text_field)
-    return bori.Run(cfg, DistEnv(), metrics=Metrics(out / "metrics.jsonl", True), evals=evals,
-                    stop=threading.Event(), held_out=held_out | probe_keys, probes=probes)
+    texts, probe_keys = probe_texts(bori.sources(cfg), cfg.probe_bytes, cfg.text_field)
+    run = bori.Run(cfg, DistEnv(), metrics=Metrics(out / "metrics.jsonl", True), evals=evals,
+                   stop=threading.Event(), held_out=held_out | probe_keys, probe_texts=texts)
+    if (out / "tokenizer" / "DONE.json").is_file():  # the probes are the tokenizer stage's
+        run.probes = read_probes(out / "tokenizer")
+    return run
 
 
 def run_init(cfg, root: Path, init: str, base_dir: Path) -> Path:
@@ -99,19 +101,24 @@ def bori_tokenizer(out: Path):
 # Generation speed, the plot and the table
 
 @torch.no_grad()
-def generation_speed(folder: Path, tok, prompt: str, n: int = 48) -> dict:
-    """Greedy generation of n tokens: tokens/s and characters/s of the new text."""
+def generation_speed(folder: Path, tok, prompts: list, chars_per_token: float,
+                     n: int = 128) -> dict:
+    """Greedy generation of n tokens after each prompt: tokens/s over all of them, and
+    characters/s derived as tokens/s x the held-out text's characters per token with this
+    tokenizer. Derived, not counted: a sample's own characters depend on what it happens to
+    write (one 48-token sample once gave exactly 48 characters)."""
     model = from_pretrained(folder).eval()
-    idx = torch.tensor([tok.encode(prompt).ids])
-    model.generate(idx, 4, temperature=0)  # warm-up: first-call allocations are not the speed
-    t0 = time.perf_counter()
-    # greedy: no sampling noise, and both models do the same work per token
-    out = model.generate(idx, n, temperature=0)
-    dt = time.perf_counter() - t0
-    # characters per second is the fair unit: a merged Korean token holds about 3 characters,
-    # a base token 0.53 (README: 2.2x the characters at about the same tokens/s)
-    text = tok.decode(out[0, idx.shape[1]:].tolist())
-    return {"tokens_per_s": (out.shape[1] - idx.shape[1]) / dt, "chars_per_s": len(text) / dt}
+    model.generate(torch.tensor([tok.encode(prompts[0]).ids]), 4, temperature=0)  # warm-up
+    tokens, seconds = 0, 0.0
+    for prompt in prompts:
+        idx = torch.tensor([tok.encode(prompt).ids])
+        t0 = time.perf_counter()
+        # greedy: no sampling noise, and both models do the same work per token
+        out = model.generate(idx, n, temperature=0)
+        seconds += time.perf_counter() - t0
+        tokens += out.shape[1] - idx.shape[1]
+    return {"tokens_per_s": tokens / seconds, "chars_per_token": chars_per_token,
+            "chars_per_s": tokens / seconds * chars_per_token, "tokens": tokens}
 
 
 def plot(results: dict, runs: dict, path: Path, lang: str, phases: list):
@@ -166,9 +173,12 @@ def print_table(res: dict, lang: str):
             for at, acc in scores.items()))
     t = res[f"{lang}_tokens_per_char"]
     g = res["generation"]
-    print(f"{name} tokens per character: base {t['base']:.3f}, merged {t['merged']:.3f}; "
-          f"generation chars/s: base {g['base']['chars_per_s']:.1f}, "
-          f"merged {g['merged']['chars_per_s']:.1f}")
+    print(f"{name} tokens per character: base {t['base']:.3f}, merged {t['merged']:.3f}")
+    print(f"greedy generation, {g['base']['tokens']} tokens: tokens/s base "
+          f"{g['base']['tokens_per_s']:.1f}, merged {g['merged']['tokens_per_s']:.1f}; "
+          f"characters/s (tokens/s x held-out characters per token) base "
+          f"{g['base']['chars_per_s']:.1f}, merged {g['merged']['chars_per_s']:.1f} "
+          f"({g['merged']['chars_per_s'] / g['base']['chars_per_s']:.1f}x)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,13 +248,14 @@ def main(argv=None):
     runs["replay"] = run_1b(cfg, root, "replay", f"{lang}=0.9,en=0.1")
     runs["no_replay"] = run_1b(cfg, root, "no_replay", f"{lang}=1.0")
     res = results(cfg, args, runs=runs, root=root, phases=phases)
-    prompt = LANGUAGES[lang].prompts.split("|")[0]
+    prompts = LANGUAGES[lang].prompts.split("|")[:2]  # the language's own, not English
     # the base model with its own tokenizer against the final replay model with the merged one
+    chars = {t: 1 / res[f"{lang}_tokens_per_char"][t] for t in ("base", "merged")}
     res["generation"] = {
         "base": generation_speed(base_dir, Tokenizer.from_file(str(base_dir / "tokenizer.json")),
-                                 prompt),
+                                 prompts, chars["base"]),
         "merged": generation_speed(runs["replay"] / phases[1].folder / "model",
-                                   bori_tokenizer(runs["replay"]), prompt)}
+                                   bori_tokenizer(runs["replay"]), prompts, chars["merged"])}
     print_table(res, lang)
     json_path = Path(args.json or root / "results.json")
     json_path.write_text(json.dumps(res, indent=2))

@@ -6,20 +6,23 @@ same pairs bori scores (and the hub benchmarks run beside them).
 
 Each probe becomes a `multiple_choice` task on a local JSON lines file (`dataset_path: json`):
 the context is `doc_to_text`, the original and the broken continuation are the two choices
-(the original is the target), with no delimiter between context and choice, since the
-continuations carry their own spaces. The harness's `acc` is then bori's `{probe}_acc` on the
-same model: the same text split the same way, the same summed log-probabilities
-(tests/test_lm_eval_tasks.py checks it with lm_eval itself, version 0.4.13).
+(the original is the target, listed first in half of the pairs: Pair.good_first), with no
+delimiter between context and choice, since the continuations carry their own spaces. The
+harness's `acc` is then bori's `{probe}_acc` on the same model: the same text split the same
+way, the same summed log-probabilities (tests/test_lm_eval_tasks.py checks it with lm_eval
+itself, version 0.4.13).
 """
 import argparse
 import json
 import sys
 from pathlib import Path
 
+from probes import Pair
+
 # One probe as an lm_eval task. doc_to_text and doc_to_choice name the data file's fields (no
 # Jinja, which could touch spaces); target_delimiter "" because the continuations carry their
 # own leading space, and lm_eval would otherwise put another between context and choice.
-# doc_to_target 0: the first choice, the held-out original, is the right one.
+# doc_to_target: the place of the held-out original among the choices.
 TASK = """task: {task}
 dataset_path: json
 dataset_kwargs:
@@ -29,7 +32,7 @@ test_split: test
 output_type: multiple_choice
 doc_to_text: context
 doc_to_choice: choices
-doc_to_target: 0
+doc_to_target: gold
 target_delimiter: ""
 metric_list:
   - metric: acc
@@ -51,9 +54,11 @@ def write_tasks(run: Path) -> list:
                                 "new out_dir)")
     by_probe = {}  # probe name -> its documents in the task's format
     for line in source.read_text(encoding="utf-8").splitlines():
-        pair = json.loads(line)
-        by_probe.setdefault(pair["probe"], []).append(
-            {"context": pair["context"], "choices": [pair["good"], pair["bad"]]})
+        fields = json.loads(line)
+        pair = Pair(fields["context"], fields["good"], fields["bad"])
+        by_probe.setdefault(fields["probe"], []).append(
+            {"context": pair.context, "gold": 0 if pair.good_first else 1,
+             "choices": [pair.good, pair.bad] if pair.good_first else [pair.bad, pair.good]})
     out = run / "lm_eval"
     out.mkdir(exist_ok=True)
     for probe, docs in by_probe.items():

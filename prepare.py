@@ -27,7 +27,7 @@ from evaluate import evaluate, print_tokenizer_report, tokenizer_report
 from hf_io import from_pretrained
 from inputs import OFFLINE_BASE, check_merged_tokenizer, resolve_base
 from model import drop_padding_rows, expand_vocab
-from probes import make_probes
+from probes import Pair, make_probes, same_length
 
 
 # ----------------------------------------------------------------------------------------------
@@ -85,18 +85,17 @@ def eval_sets(corpora: list, eval_bytes: int, text_field: str, is_master: bool =
     return evals, frozenset(keys)
 
 
-def probe_sets(corpora: list, probe_bytes: int, max_pairs: int, text_field: str) -> tuple:
-    """({probe name: pairs}, the text_keys of the documents they come from): the grammar
-    probes of each language (probes.py), made from the first probe_bytes of its held-out
-    source, which training and the BPE then leave out as they do the eval texts."""
-    made, keys = {}, set()
+def probe_texts(corpora: list, probe_bytes: int, text_field: str) -> tuple:
+    """({language: texts}, their text_keys): the first probe_bytes of each held-out source, which
+    the grammar probes are made from (by the tokenizer stage: make_run_probes), and which
+    training and the BPE then leave out as they do the eval texts."""
+    texts, keys = {}, set()
     for corpus in corpora if probe_bytes else []:  # probe_bytes=0: no probes
         with about(corpus.held_out_flag):
-            texts, taken = data.eval_docs(corpus.held_out, probe_bytes, text_field, keys=True)
-        # seed 0, not the run's: every run, whatever its seed, is scored on the same pairs
-        made.update(make_probes(corpus.name, texts, seed=0, max_pairs=max_pairs))
+            texts[corpus.name], taken = data.eval_docs(corpus.held_out, probe_bytes, text_field,
+                                                       keys=True)
         keys |= taken
-    return made, frozenset(keys)
+    return texts, frozenset(keys)
 
 
 def check_training_text(corpora: list, held_out: frozenset, text_field: str):
@@ -162,10 +161,32 @@ def stage_tokenizer(run, base_dir: Path):
               "the standalone BPE's tokens turned away: "
               + ", ".join(f"{n:,} {why}" for why, n in done["rejected"].items()), flush=True)
         write_json(tmp / "report.json", report)
-        write_probes(tmp / "probes.jsonl", run.probes)  # the pairs, for lm_eval_tasks.py
+        probes = make_run_probes(run, merged=Tokenizer.from_file(str(tmp / "tokenizer.json")),
+                                 base=Tokenizer.from_file(str(base_dir / "tokenizer.json")))
+        write_probes(tmp / "probes.jsonl", probes)  # read by every score and lm_eval_tasks.py
         # last: DONE.json is the stage's proof it finished
         write_done(tmp, {**done, **report, "held_out": held_out_digests(run),
-                         "probes": {name: len(pairs) for name, pairs in run.probes.items()}})
+                         "probes": {name: len(pairs) for name, pairs in probes.items()}})
+
+
+def make_run_probes(run, merged, base) -> dict:
+    """The grammar probes (probes.py) of each language's probe texts: pairs whose two sides the
+    merged tokenizer writes in as many tokens, so that no model scored with it wins a pair by
+    the tokenizer's token counts alone. The base model's line is scored with its own tokenizer,
+    which can count them differently: how often, and which way, is printed."""
+    probes = {}
+    for lang, texts in run.probe_texts.items():
+        probes.update(make_probes(lang, texts, seed=0, max_pairs=run.cfg.probe_pairs,
+                                  keep=same_length(merged)))
+    for name, pairs in probes.items():
+        count = [len(base.encode(p.context + side, add_special_tokens=False).ids)
+                 for p in pairs for side in (p.good, p.bad)]
+        shorter = sum(g < b for g, b in zip(count[::2], count[1::2]))
+        longer = sum(g > b for g, b in zip(count[::2], count[1::2]))
+        print(f"{name} probe: {len(pairs):,} pairs (as many merged tokens on both sides); the "
+              f"base tokenizer writes the original in fewer tokens in {shorter:,}, in more in "
+              f"{longer:,}", flush=True)
+    return probes
 
 
 def write_probes(path: Path, probes: dict):
@@ -175,11 +196,21 @@ def write_probes(path: Path, probes: dict):
                              for name, pairs in probes.items() for pair in pairs))
 
 
+def read_probes(tok_dir: Path) -> dict:
+    """{probe name: pairs} as the tokenizer stage wrote them."""
+    probes, path = {}, tok_dir / "probes.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; delete {tok_dir} to rebuild it")
+    for line in path.read_text(encoding="utf-8").splitlines():
+        fields = json.loads(line)
+        probes.setdefault(fields.pop("probe"), []).append(Pair(**fields))
+    return probes
+
+
 def held_out_digests(run) -> dict:
-    """{language or probe: a digest of its held-out texts or pairs}: what every score of the
-    run is measured on."""
-    texts = {**run.evals, **{name: [f"{p.context}\x01{p.good}\x01{p.bad}" for p in pairs]
-                             for name, pairs in run.probes.items()}}
+    """{language or probe texts: a digest of its held-out texts}: what every score of the run is
+    measured on."""
+    texts = {**run.evals, **{f"{lang}_probes": t for lang, t in run.probe_texts.items()}}
     return {name: hashlib.sha256("\x00".join(t).encode()).hexdigest()[:16]
             for name, t in texts.items()}
 
@@ -217,7 +248,7 @@ def stage_init(run, base_dir: Path):
     run.metrics.truncate_after("base", 0)
     headroom = []
     scores = evaluate(base, base_tok, run.evals, seq_len=cfg.seq_len, device=run.env.device,
-                      ctx=run.ctx, headroom=headroom, probes=run.probes)
+                      ctx=run.ctx, headroom=headroom, probes=read_probes(tok_dir))
     # fp16_peak: each layer's largest activation over fp16's 65,504, the base's own headroom
     run.metrics.log(kind="eval", phase="base", step=0, **scores,
                     fp16_peak=[round(p, 4) for p in headroom])

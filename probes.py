@@ -14,10 +14,20 @@ comparing the two continuations' summed log-probabilities is comparing the whole
 and it is exactly the question lm-evaluation-harness asks of a `multiple_choice` task with
 `doc_to_text: context` and `doc_to_choice: [good, bad]` (`acc`; `acc_norm` divides by the
 continuation's length in characters). evaluate.probe_scores computes the same numbers.
+
+Two things would let a model that knows nothing pass, and both are taken out:
+- Token counts. A summed log-probability charges every token, and a merged tokenizer writes a
+  frequent, correct form (사과를) in fewer tokens than a broken one (사과 + 을): random new rows
+  scored 92% on Korean particles. So each sentence's pair is drawn from its candidate changes
+  whose two sides the run's tokenizer writes in as many tokens (`keep=same_length(tok)`).
+- Ties. A model that cannot tell two tokens apart (mean init: one row for all) gives both sides
+  the same score, and lm-evaluation-harness's argmax gives a tie to the choice listed first.
+  The original is listed first in half of the pairs (Pair.good_first), so a tie is a coin.
 """
 import random
 import re
 import unicodedata
+import zlib
 from dataclasses import dataclass
 
 CONTEXT_WORDS, AFTER_WORDS = 8, 2  # the window: 8 words before the change, 2 after it
@@ -40,6 +50,12 @@ class Pair:
             object.__setattr__(self, "context", self.context[:-n])
             object.__setattr__(self, "good", space + self.good)
             object.__setattr__(self, "bad", space + self.bad)
+
+    @property
+    def good_first(self) -> bool:
+        """Whether the original is the first of the two choices (ties go to the first): so for
+        half of the pairs, fixed by their text, whoever lists them."""
+        return zlib.crc32(f"{self.context}\x01{self.good}\x01{self.bad}".encode()) % 2 == 0
 
 
 def sentences(texts: list) -> list:
@@ -131,17 +147,12 @@ def korean_changes(words: list, nouns: set) -> list:
     return found
 
 
-def korean_particles(sents: list, rng: random.Random) -> list:
-    """Pairs that swap a particle for its other allomorph (를 -> 을 after a vowel), where the
-    stem is a noun (seen with a noun-only particle in the same held-out text)."""
-    nouns, pairs = korean_nouns(sents), []
-    for s in sents:
-        words = s.split()
-        found = korean_changes(words, nouns)
-        if found:  # one pair per sentence: pairs from many sentences, not many from one
-            i, broken = rng.choice(found)
-            pairs.append(word_pair(words, i, [broken]))
-    return pairs
+def korean_particles(sents: list) -> list:
+    """Per sentence, the pairs that swap a particle for its other allomorph (를 -> 을 after a
+    vowel), where the stem is a noun (seen with a noun-only particle in the same held-out text)."""
+    nouns = korean_nouns(sents)
+    return [[word_pair(s.split(), i, [broken]) for i, broken in korean_changes(s.split(), nouns)]
+            for s in sents]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -156,12 +167,12 @@ def is_kanji_or_katakana(c: str) -> bool:
         or "\u30a0" <= c <= "\u30ff"
 
 
-def japanese_particles(sents: list, rng: random.Random) -> list:
-    """Pairs that write one particle を, は or へ as it is read (お, わ, え). を is written for
-    the particle alone; は and へ count as particles only right after a kanji or katakana word
-    (or in には, では, とは) and before a kanji, katakana, 、 (and へ before の, と): inside a
-    word (はな, へや) they follow or precede hiragana."""
-    pairs = []
+def japanese_particles(sents: list) -> list:
+    """Per sentence, the pairs that write one particle を, は or へ as it is read (お, わ, え).
+    を is written for the particle alone; は and へ count as particles only right after a
+    kanji or katakana word (or in には, では, とは) and before a kanji, katakana, 、 (and へ
+    before の, と): inside a word (はな, へや) they follow or precede hiragana."""
+    candidates = []
     for s in sents:
         found = []
         for i, c in enumerate(s):
@@ -173,11 +184,9 @@ def japanese_particles(sents: list, rng: random.Random) -> list:
             before_word = after and (is_kanji_or_katakana(after) or after == "、"
                                      or (c == "へ" and after in "のと"))
             if c == "を" or (after_word and before_word):
-                found.append(i)
-        if found:
-            i = rng.choice(found)
-            pairs.append(char_pair(s, i, i + 1, JA_PARTICLES[s[i]]))
-    return pairs
+                found.append(char_pair(s, i, i + 1, JA_PARTICLES[c]))
+        candidates.append(found)
+    return candidates
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,24 +208,24 @@ def with_tone(syllable: str, tone: str) -> str:
     return unicodedata.normalize("NFC", rest[:at] + tone + rest[at:])
 
 
-def vietnamese_tones(sents: list, rng: random.Random) -> list:
-    """Pairs that give one syllable another tone: a different syllable of the held-out text
-    when one exists (a real word in the wrong place), else a syllable that is none."""
+def vietnamese_tones(sents: list) -> list:
+    """Per sentence, the pairs that give one syllable another tone: the other syllables of the
+    held-out text it can become when there are any (a real word in the wrong place), else the
+    syllables that are none."""
     known = {split_punctuation(w)[0].lower() for s in sents for w in s.split()}
-    pairs = []
+    candidates = []
     for s in sents:
-        words = s.split()
-        toned = [i for i, w in enumerate(words) if i > 0 and any(
-            c in VI_TONES for c in unicodedata.normalize("NFD", split_punctuation(w)[0]))]
-        if not toned:
-            continue
-        i = rng.choice(toned)
-        core, trail = split_punctuation(words[i])
-        old = next(c for c in unicodedata.normalize("NFD", core) if c in VI_TONES)
-        others = [with_tone(core, t) for t in VI_TONES + [""] if t != old]
-        real = [o for o in others if o.lower() in known]
-        pairs.append(word_pair(words, i, [rng.choice(real or others) + trail]))
-    return pairs
+        words, found = s.split(), []
+        for i, word in enumerate(words[1:], 1):
+            core, trail = split_punctuation(word)
+            old = next((c for c in unicodedata.normalize("NFD", core) if c in VI_TONES), None)
+            if old is None:
+                continue
+            others = [with_tone(core, t) for t in VI_TONES + [""] if t != old]
+            real = [o for o in others if o.lower() in known]
+            found += [word_pair(words, i, [other + trail]) for other in real or others]
+        candidates.append(found)
+    return candidates
 
 
 # ----------------------------------------------------------------------------------------------
@@ -233,23 +242,21 @@ def script_runs(text: str) -> list:
     return [text[m.start():m.end()] for m in re.finditer(r"(.)\1*", kinds)]
 
 
-def word_order(sents: list, rng: random.Random, japanese: bool = False) -> list:
-    """Pairs that swap two adjacent different words (not the first: the context is not
-    empty); a weaker, generic control, in every language."""
-    pairs = []
+def word_order(sents: list, japanese: bool = False) -> list:
+    """Per sentence, the pairs that swap two adjacent different words (not the first: the
+    context is not empty); a weaker, generic control, in every language."""
+    def swap(words: list, i: int, s: str) -> Pair:
+        if not japanese:
+            return word_pair(words, i, [words[i + 1], words[i]])
+        start = sum(map(len, words[:i]))
+        return char_pair(s, start, start + len(words[i]) + len(words[i + 1]),
+                         words[i + 1] + words[i])
+    candidates = []
     for s in sents:
         words = script_runs(s) if japanese else s.split()
-        spots = [i for i in range(1, len(words) - 1) if words[i] != words[i + 1]]
-        if not spots:
-            continue
-        i = rng.choice(spots)
-        if japanese:
-            start = sum(map(len, words[:i]))
-            end = start + len(words[i]) + len(words[i + 1])
-            pairs.append(char_pair(s, start, end, words[i + 1] + words[i]))
-        else:
-            pairs.append(word_pair(words, i, [words[i + 1], words[i]]))
-    return pairs
+        candidates.append([swap(words, i, s) for i in range(1, len(words) - 1)
+                           if words[i] != words[i + 1]])
+    return candidates
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,14 +266,32 @@ GRAMMAR = {"ko": ("particles", korean_particles), "ja": ("particles", japanese_p
            "vi": ("tones", vietnamese_tones)}
 
 
-def make_probes(lang: str, texts: list, seed: int = 0, max_pairs: int = MAX_PAIRS) -> dict:
+def same_length(tok):
+    """keep= for make_probes: both sides in as many tokens of tok (a tokenizers.Tokenizer),
+    counted as lm-evaluation-harness counts them, over the whole window."""
+    def count(text: str) -> int:
+        return len(tok.encode(text, add_special_tokens=False).ids)
+    return lambda pair: count(pair.context + pair.good) == count(pair.context + pair.bad)
+
+
+def make_probes(lang: str, texts: list, seed: int = 0, max_pairs: int = MAX_PAIRS,
+                keep=lambda pair: True) -> dict:
     """{probe name: pairs} for a language's held-out texts: its grammar rule (if it has one)
-    and word order, each at most max_pairs, the same for the same texts and seed."""
+    and word order. One pair per sentence (pairs from many sentences, not many from one),
+    drawn from its candidates that keep accepts; at most max_pairs; the same for the same
+    texts, seed and keep."""
     sents = sentences(texts)
-    probes = {}
+    generators = {f"{lang}_word_order": lambda s: word_order(s, japanese=lang == "ja")}
     if lang in GRAMMAR:
         name, generate = GRAMMAR[lang]
-        probes[f"{lang}_{name}"] = generate(sents, random.Random(f"{seed}-{name}"))
-    probes[f"{lang}_word_order"] = word_order(sents, random.Random(f"{seed}-order"),
-                                              japanese=lang == "ja")
-    return {name: pairs[:max_pairs] for name, pairs in probes.items()}
+        generators = {f"{lang}_{name}": generate, **generators}
+    probes = {}
+    for name, generate in generators.items():
+        rng, pairs = random.Random(f"{seed}-{name}"), []
+        for candidates in generate(sents):
+            if len(pairs) == max_pairs:
+                break
+            rng.shuffle(candidates)  # a random one of those keep accepts, asked in turn
+            pairs += next(([pair] for pair in candidates if keep(pair)), [])
+        probes[name] = pairs
+    return probes

@@ -38,15 +38,16 @@ def test_lm_eval_gives_bori_s_probe_scores_on_the_same_pairs(tiny_run, tmp_path)
     for task in tasks:
         probe = task.removeprefix("bori_")
         docs = [json.loads(line) for line in (run / "lm_eval" / f"{probe}.jsonl").open()]
-        pairs = [Pair(d["context"], *d["choices"]) for d in docs]
+        pairs = [Pair(d["context"], *d["choices"][::1 if d["gold"] == 0 else -1]) for d in docs]
+        assert all(p.good_first == (d["gold"] == 0) for p, d in zip(pairs, docs))
         ours = probe_loglikelihoods(model, tok, pairs, "cpu", torch.autocast("cpu",
                                                                              enabled=False))
         theirs = {s["doc_id"]: [r[0] for r in s["filtered_resps"]]
                   for s in results["samples"][task]}
         assert len(theirs) == len(pairs) > 0
-        for i, (good, bad) in enumerate(ours):
-            assert theirs[i][0] == pytest.approx(good, abs=1e-4), (task, i)
-            assert theirs[i][1] == pytest.approx(bad, abs=1e-4), (task, i)
+        for i, ((good, bad), doc) in enumerate(zip(ours, docs)):  # theirs: in choice order
+            assert theirs[i][doc["gold"]] == pytest.approx(good, abs=1e-4), (task, i)
+            assert theirs[i][1 - doc["gold"]] == pytest.approx(bad, abs=1e-4), (task, i)
         acc = probe_accuracy(ours, pairs)
         assert results["results"][task]["acc,none"] == pytest.approx(acc["acc"])
         assert results["results"][task]["acc_norm,none"] == pytest.approx(acc["acc_norm"])

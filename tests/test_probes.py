@@ -1,5 +1,4 @@
 """probes.py: minimal pairs from held-out sentences; evaluate.probe_loglikelihoods scores them."""
-import random
 import unicodedata
 
 import pytest
@@ -60,27 +59,30 @@ def test_korean_verb_endings_and_wrong_originals_make_no_pair():
     assert ko_pairs("오늘 사과을 먹었다.") == []
 
 
+def ja_pairs(sentence: str) -> list:
+    """Every pair the Japanese rule makes in sentence."""
+    return [pair for candidates in probes.japanese_particles([sentence]) for pair in candidates]
+
+
 def test_japanese_particles_are_spelled_as_read_only_where_they_are_particles():
     sents = ["私は学校へ行きます。", "東京には多くの人がいる。", "彼は本を読んだ。",
              "はなが咲いている庭です。", "へやの中で本を読む。"]
     made = {(p.context[-2:], p.good[0], p.bad[0]) for s in sents
-            for p in probes.japanese_particles([s], random.Random(0))}
+            for p in ja_pairs(s)}
     for pair in made:
         assert pair[1:] in {("を", "お"), ("は", "わ"), ("へ", "え")}
     # はな (flower) and へや (room) start their sentences and words: never touched
-    flower = probes.japanese_particles(["はなが咲いている庭です。"], random.Random(0))
-    assert flower == []
-    room = probes.japanese_particles(["へやの中で本を読む。"], random.Random(0))
-    assert [(p.good[0], p.bad[0]) for p in room] == [("を", "お")]
-    seen = {p.good[0] for s in ("私は学校へ行きます。", "東京には多くの人がいる。") for seed in
-            range(20) for p in probes.japanese_particles([s], random.Random(seed))}
+    assert ja_pairs("はなが咲いている庭です。") == []
+    assert [(p.good[0], p.bad[0]) for p in ja_pairs("へやの中で本を読む。")] == [("を", "お")]
+    seen = {p.good[0] for s in ("私は学校へ行きます。", "東京には多くの人がいる。")
+            for p in ja_pairs(s)}
     assert seen == {"は", "へ"}
 
 
 def test_vietnamese_tone_swaps_give_another_syllable_with_the_same_letters():
     sents = ["Tôi đi học ở trường mỗi ngày.", "Người Việt Nam rất thích ăn phở."] * 5
-    pairs = probes.vietnamese_tones(sents, random.Random(0))
-    assert pairs
+    pairs = [pair for candidates in probes.vietnamese_tones(sents) for pair in candidates]
+    assert len(pairs) > 20
     for p in pairs:
         good, bad = p.good.split()[0], p.bad.split()[0]
         assert good != bad
@@ -108,7 +110,8 @@ def test_pairs_differ_only_at_the_change_and_keep_the_held_out_text(lang):
 
 def test_probe_loglikelihoods_equal_a_hand_computation(tiny_model, base_tok):
     """Each continuation's summed log-probability, split as lm-evaluation-harness splits it,
-    equals the one computed token by token from the full logits; acc counts ties as wins."""
+    equals the one computed token by token from the full logits; a tie is the original's win
+    where it is listed first."""
     pairs = [Pair("The cat sat", " on the mat.", " mat the on."),
              Pair("대한민국의 수도는", " 서울이다.", " 서울가다."), Pair("x", " y", " y")]
     lls = probe_loglikelihoods(tiny_model, base_tok, pairs, "cpu", torch.autocast("cpu",
@@ -122,4 +125,37 @@ def test_probe_loglikelihoods_equal_a_hand_computation(tiny_model, base_tok):
             assert abs(ll - expected) < 1e-4
     assert lls[2][0] == lls[2][1]
     acc = probe_accuracy(lls, pairs)
-    assert acc["n"] == 3 and acc["acc"] == sum(g >= b for g, b in lls) / 3
+    wins = sum(g > b or (g == b and p.good_first) for (g, b), p in zip(lls, pairs))
+    assert acc["n"] == 3 and acc["acc"] == wins / 3
+
+
+def test_pairs_with_as_many_tokens_a_side_leave_a_random_model_at_chance(tiny_model, base_tok):
+    """A random model prefers whichever side has fewer tokens (each token costs about log V);
+    the pairs keep=same_length(tok) draws have none, and the random model is at chance."""
+    texts = list(data.iter_texts([data.BUNDLED["vi_eval"]]))  # tone marks: uneven in bytes
+
+    def count(text: str) -> int:
+        return len(base_tok.encode(text, add_special_tokens=False).ids)
+    every = make_probes("vi", texts)["vi_tones"]
+    uneven = [p for p in every if count(p.context + p.good) != count(p.context + p.bad)]
+    fair = make_probes("vi", texts, keep=probes.same_length(base_tok))["vi_tones"]
+    assert len(fair) >= 800 and len(uneven) >= 300
+    assert all(count(p.context + p.good) == count(p.context + p.bad) for p in fair)
+    off = torch.autocast("cpu", enabled=False)
+    lls = probe_loglikelihoods(tiny_model, base_tok, uneven, "cpu", off)
+    shorter_wins = sum((good > bad) == (count(p.context + p.good) < count(p.context + p.bad))
+                       for (good, bad), p in zip(lls, uneven))
+    assert shorter_wins / len(uneven) > 0.9
+    acc = probe_accuracy(probe_loglikelihoods(tiny_model, base_tok, fair, "cpu", off), fair)
+    assert abs(acc["acc"] - 0.5) < 3 * (0.25 / len(fair)) ** 0.5, acc  # within 3 sigma of 50%
+
+
+def test_a_tie_goes_to_the_original_in_half_of_the_pairs():
+    """A model that gives both sides one score (mean init: one row for every new token) scores
+    what a coin would: ties go to the choice listed first, the original in half of the pairs."""
+    pairs = make_probes("en", list(data.iter_texts([data.BUNDLED["en_eval"]])))["en_word_order"]
+    first = sum(p.good_first for p in pairs) / len(pairs)
+    assert abs(first - 0.5) < 0.05
+    acc = probe_accuracy([(-3.0, -3.0)] * len(pairs), pairs)
+    assert acc["acc"] == acc["acc_norm"] == first
+    assert probe_accuracy([(-1.0, -2.0), (-2.0, -1.0)], pairs[:2])["acc"] == 0.5

@@ -74,9 +74,8 @@ def test_the_held_out_file_edited_mid_run_is_refused(tmp_path, fresh, tiny_base,
     out = fresh(tmp_path / "run")
     done_file = out / "tokenizer" / "DONE.json"
     done = json.loads(done_file.read_text())
-    # what every later command is held to: the eval texts and the grammar probes' pairs
-    assert set(done["held_out"]) == {"ko", "en", "ko_particles", "ko_word_order",
-                                     "en_word_order"}
+    # what every later command is held to: the eval texts and the grammar probes' texts
+    assert set(done["held_out"]) == {"ko", "en", "ko_probes", "en_probes"}
     done_file.write_text(json.dumps({**done, "held_out": {**done["held_out"], "ko": "0" * 16}}))
     assert bori.main(tiny_flags(out, tiny_base, stop_after_steps=1)) == 2
     assert re.search(r"--eval_new: its first eval_bytes of text are not what this run began "

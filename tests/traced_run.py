@@ -55,13 +55,13 @@ def traced_eval_sets(*args, **kwargs):
     return evals, keys
 
 
-probe_sets = bori.probe_sets
+probe_texts = bori.probe_texts
 
 
-def traced_probe_sets(*args, **kwargs):  # the probes' documents are held out as well
-    probes, keys = probe_sets(*args, **kwargs)
+def traced_probe_texts(*args, **kwargs):  # the probes' documents are held out as well
+    texts, keys = probe_texts(*args, **kwargs)
     trace["held_out_keys"] += [k.hex() for k in keys]
-    return probes, keys
+    return texts, keys
 
 
 bpe_training_text = prepare.bpe_training_text
@@ -74,7 +74,7 @@ def traced_bpe_training_text(run):
 
 
 data.PackedStream.take, data.PackedStream._refill = traced_take, traced_refill
-bori.eval_sets, bori.probe_sets = traced_eval_sets, traced_probe_sets
+bori.eval_sets, bori.probe_texts = traced_eval_sets, traced_probe_texts
 prepare.bpe_training_text = traced_bpe_training_text
 
 if __name__ == "__main__":
