@@ -23,7 +23,7 @@ from distributed import print0
 from errors import warn
 from hf_io import config_from_hf
 from loss import loss_chunk_rows
-from model import MODEL_PRESETS, Block, ModelConfig, preset, rope_tables
+from model import MODEL_PRESETS, Block, ModelConfig, flops_per_token, preset, rope_tables
 from tokenizer import REFERENCE_NEW_TOKENS
 
 GIB = 2**30
@@ -73,13 +73,18 @@ def _saved_bytes(dim: int, n_heads: int, n_kv_heads: int, ffn_dim: int, dtype) -
     return (saved(64) - saved(32)) / 32  # the difference drops per-call constants (weight casts)
 
 
+def count_params(cfg: ModelConfig) -> int:
+    """The blocks, the embedding (once when tied: SmolLM2 ties it to the LM head), the final
+    norm."""
+    return (sum(p.numel() for p in Block(cfg, 0).parameters()) * cfg.n_layers
+            + cfg.padded_vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2) + cfg.dim)
+
+
 def memory_plan(cfg: ModelConfig, seq_len: int, micro_batch: int, checkpointing: bool,
                 dtype=torch.float16) -> dict:
     """GiB per GPU for each part of a Phase 1B step (every parameter trains); 'total' includes
     allocator slack."""
-    # blocks, the embedding (once when tied: SmolLM2 ties it to the LM head), the final norm
-    n_params = (sum(p.numel() for p in Block(cfg, 0).parameters()) * cfg.n_layers
-                + cfg.padded_vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2) + cfg.dim)
+    n_params = count_params(cfg)
     tokens = micro_batch * seq_len
     per_block = saved_bytes_per_token(cfg, dtype) * tokens
     if checkpointing:  # block inputs (fp32 residual stream), plus one block being recomputed
@@ -126,6 +131,45 @@ def format_plan(plan: dict, gpu_gib: float, micro_batch: int, best: int, where: 
     verdict = "fits" if plan["total"] <= usable else "DOES NOT FIT"
     lines.append(f"  {'total (+10% margin)':<28}{plan['total']:>7.2f} GiB of {usable:.1f} usable "
                  f"on {where}: {verdict}; the largest micro_batch that fits is {best}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Time: the tokens of a phase, the FLOPs of each, and an assumed share of the GPUs' peak
+
+# Model FLOPs utilisation assumed for a T4 until `python bench.py --recipe` measures it there:
+# the time below is an estimate that scales with it, not a timing
+ASSUMED_MFU = 0.30
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int, checkpointing: bool,
+                          whole_model: bool) -> float:
+    """FLOPs one training token costs. 6N + 12·L·H·Q·T (model.flops_per_token; PaLM, appendix B)
+    is a forward pass (a third) and a backward pass (two thirds: the activations' gradients and
+    the weights'). Checkpointing runs each block's forward again in backward (+ a third); a
+    phase that trains only the embedding skips the blocks' weight gradients (- a third)."""
+    full = flops_per_token(cfg, count_params(cfg), seq_len)
+    return full * (3 + checkpointing - (not whole_model)) / 3
+
+
+def phase_hours(tokens: int, flops: float, n_gpus: int, peak_tflops: float, mfu: float) -> float:
+    """Hours to train on `tokens` at `flops` each, on n_gpus running at mfu of peak_tflops."""
+    return tokens * flops / (n_gpus * peak_tflops * 1e12 * mfu) / 3600
+
+
+def format_time(cfg: ModelConfig, seq_len: int, phases: list, checkpointing: bool, n_gpus: int,
+                peak_tflops: float, mfu: float) -> str:
+    """The time estimate of phases [(name, tokens, whole_model)], a line each and the total."""
+    lines, total = [f"time at {mfu:.0%} MFU of {n_gpus} x {peak_tflops:g} TFLOP/s (an "
+                    "assumption, not a timing; --mfu changes it):"], 0.0
+    for name, tokens, whole in phases:
+        flops = train_flops_per_token(cfg, seq_len, checkpointing, whole_model=whole)
+        hours = phase_hours(tokens, flops, n_gpus=n_gpus, peak_tflops=peak_tflops, mfu=mfu)
+        total += hours
+        lines.append(f"  {name:<9}{hours:>6.1f} h  {tokens / 1e6:,.0f}M tokens x "
+                     f"{flops / 1e9:.2f} GFLOP ({'every parameter' if whole else 'the embedding'}"
+                     f" trains{', with the recompute' if checkpointing else ''})")
+    lines.append(f"  {'total':<9}{total:>6.1f} h")
     return "\n".join(lines)
 
 
@@ -186,6 +230,13 @@ if __name__ == "__main__":
                    help="the autocast dtype")
     p.add_argument("--no_checkpointing", action="store_true", help="plan without "
                    "gradient checkpointing")
+    # the time estimate: the bori preset's phases (tests/test_plan.py holds them equal)
+    p.add_argument("--steps_1a", type=int, default=1000, help="Phase 1A's steps (embedding)")
+    p.add_argument("--steps_1b", type=int, default=10_000, help="Phase 1B's steps (all)")
+    p.add_argument("--batch_tokens", type=int, default=131_072, help="tokens per step")
+    p.add_argument("--gpus", type=int, default=2, help="GPUs training together")
+    p.add_argument("--peak_tflops", type=float, default=65.0, help="a T4's fp16 peak: 65")
+    p.add_argument("--mfu", type=float, default=ASSUMED_MFU, help="the share of it assumed")
     a = p.parse_args()
     try:
         cfg = preset(a.model, vocab_size=a.vocab, pad_vocab_to=64)
@@ -198,3 +249,6 @@ if __name__ == "__main__":
     need = memory_plan(cfg, a.seq_len, micro_batch=mb, checkpointing=ckpt, dtype=dtype)
     print(format_plan(need, gpu_gib=a.gpu_gib, micro_batch=mb, best=best,
                       where=f"a {a.gpu_gib:g} GiB GPU"))
+    print(format_time(cfg, a.seq_len, [("Phase 1A", a.steps_1a * a.batch_tokens, False),
+                                       ("Phase 1B", a.steps_1b * a.batch_tokens, True)],
+                      checkpointing=ckpt, n_gpus=a.gpus, peak_tflops=a.peak_tflops, mfu=a.mfu))

@@ -96,3 +96,27 @@ def test_plan_with_an_unknown_model_is_one_sentence():
                          capture_output=True, text=True, env=ENV, timeout=120)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "unknown model preset 'foo'; choose one of" in out.stderr
+
+
+@pytest.mark.slow
+def test_the_time_estimate_is_the_seed_run_s_tokens_at_hand_counted_flops():
+    """plan.py's time lines: the bori preset's tokens (its defaults are Config's), each at
+    6N + 12·L·H·Q·T FLOPs counted here by hand, x 4/3 for the recompute in Phase 1B and x 1
+    in Phase 1A (no weight gradients in the blocks), at the stated MFU of two T4s."""
+    cfg = preset("smollm2-135m", vocab_size=58133, pad_vocab_to=64)
+    n = sum(p.numel() for p in Llama(cfg).parameters())  # the tied matrix once
+    full = 6 * n + 12 * 30 * 9 * 64 * 2048
+    seed = bori.Config()
+    tokens = {"1A": seed.steps_1a * seed.batch_tokens, "1B": seed.steps_1b * seed.batch_tokens}
+    assert tokens == {"1A": 1000 * 131_072, "1B": 10_000 * 131_072}
+    rate = 2 * seed.peak_tflops * 1e12 * plan.ASSUMED_MFU * 3600  # FLOPs per hour, two GPUs
+    hours = {"1A": tokens["1A"] * full / rate, "1B": tokens["1B"] * full * 4 / 3 / rate}
+    assert 1.0 < hours["1A"] < 1.5 and 14 < hours["1B"] < 17  # what the README quotes
+    out = subprocess.run([sys.executable, str(ROOT / "plan.py")], capture_output=True,
+                         text=True, env=ENV, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    for phase, h in hours.items():
+        line = next(line for line in lines if line.strip().startswith(f"Phase {phase}"))
+        assert line.split()[2:6] == [f"{h:.1f}", "h", f"{tokens[phase] / 1e6:,.0f}M", "tokens"]
+    assert lines[-1].split() == ["total", f"{hours['1A'] + hours['1B']:.1f}", "h"]
