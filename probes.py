@@ -18,8 +18,9 @@ continuation's length in characters). evaluate.probe_scores computes the same nu
 Two things would let a model that knows nothing pass, and both are taken out:
 - Token counts. A summed log-probability charges every token, and a merged tokenizer writes a
   frequent, correct form (사과를) in fewer tokens than a broken one (사과 + 을): random new rows
-  scored 92% on Korean particles. So each sentence's pair is drawn from its candidate changes
-  whose two sides the run's tokenizer writes in as many tokens (`keep=same_length(tok)`).
+  scored 95.5% on Korean particles (docs/probe-smoke.txt). So each sentence's pair is drawn
+  from its candidate changes whose two sides the run's tokenizer writes in as many tokens
+  (`keep=same_length(tok)`).
 - Ties. A model that cannot tell two tokens apart (mean init: one row for all) gives both sides
   the same score, and lm-evaluation-harness's argmax gives a tie to the choice listed first.
   The original is listed first in half of the pairs (Pair.good_first), so a tie is a coin.
@@ -267,11 +268,17 @@ GRAMMAR = {"ko": ("particles", korean_particles), "ja": ("particles", japanese_p
 
 
 def same_length(tok):
-    """keep= for make_probes: both sides in as many tokens of tok (a tokenizers.Tokenizer),
-    counted as lm-evaluation-harness counts them, over the whole window."""
-    def count(text: str) -> int:
-        return len(tok.encode(text, add_special_tokens=False).ids)
-    return lambda pair: count(pair.context + pair.good) == count(pair.context + pair.bad)
+    """keep= for make_probes: the context's own tokens (tok, a tokenizers.Tokenizer) begin both
+    sides' tokens, and both sides take as many. The first: lm-evaluation-harness scores
+    what follows len(encode(context)) tokens of encode(context + side), which is the
+    continuation only where no token spans the boundary (Japanese writes no space there)."""
+    def encode(text: str) -> list:
+        return tok.encode(text, add_special_tokens=False).ids
+
+    def keep(pair: Pair) -> bool:
+        context, good, bad = (encode(pair.context + side) for side in ("", pair.good, pair.bad))
+        return len(good) == len(bad) and good[:len(context)] == bad[:len(context)] == context
+    return keep
 
 
 def make_probes(lang: str, texts: list, seed: int = 0, max_pairs: int = MAX_PAIRS,

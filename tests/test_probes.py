@@ -113,20 +113,25 @@ def test_probe_loglikelihoods_equal_a_hand_computation(tiny_model, base_tok):
     equals the one computed token by token from the full logits; a tie is the original's win
     where it is listed first."""
     pairs = [Pair("The cat sat", " on the mat.", " mat the on."),
-             Pair("대한민국의 수도는", " 서울이다.", " 서울가다."), Pair("x", " y", " y")]
+             Pair("대한민국의 수도는", " 서울이다.", " 서울가다."), Pair("x", " y", " y"),
+             Pair("The dog sat", " on the rug.", " rug the on."),  # a batch of two
+             Pair("東京には多くの人", "がいる。", "わいる。"),  # no space at the boundary
+             Pair("Welcome to LibreO", "ffice help.", "ffice halp.")]  # "Office" spans it
     lls = probe_loglikelihoods(tiny_model, base_tok, pairs, "cpu", torch.autocast("cpu",
                                enabled=False), batch_size=2)
     for pair, got in zip(pairs, lls):
-        n_context = len(base_tok.encode(pair.context).ids)
+        context = base_tok.encode(pair.context).ids
         for continuation, ll in zip((pair.good, pair.bad), got):
-            ids = base_tok.encode(pair.context + continuation).ids
+            # the harness's sequence: the context's tokens, then what follows as many tokens
+            # of the whole; one full forward pass, no cache
+            ids = context + base_tok.encode(pair.context + continuation).ids[len(context):]
             logp = tiny_model(torch.tensor([ids[:-1]])).log_softmax(-1)[0]
-            expected = sum(logp[t - 1, ids[t]].item() for t in range(n_context, len(ids)))
+            expected = sum(logp[t - 1, ids[t]].item() for t in range(len(context), len(ids)))
             assert abs(ll - expected) < 1e-4
     assert lls[2][0] == lls[2][1]
     acc = probe_accuracy(lls, pairs)
     wins = sum(g > b or (g == b and p.good_first) for (g, b), p in zip(lls, pairs))
-    assert acc["n"] == 3 and acc["acc"] == wins / 3
+    assert acc["n"] == 6 and acc["acc"] == wins / 6
 
 
 def test_pairs_with_as_many_tokens_a_side_leave_a_random_model_at_chance(tiny_model, base_tok):
@@ -159,3 +164,15 @@ def test_a_tie_goes_to_the_original_in_half_of_the_pairs():
     acc = probe_accuracy([(-3.0, -3.0)] * len(pairs), pairs)
     assert acc["acc"] == acc["acc_norm"] == first
     assert probe_accuracy([(-1.0, -2.0), (-2.0, -1.0)], pairs[:2])["acc"] == 0.5
+
+
+def test_same_length_refuses_a_token_across_the_context_s_end():
+    """A merge that spans the end of the context (Japanese writes no space there) would make the
+    harness score a continuation that is not the text's: such pairs are not kept."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import BPE
+    tok = Tokenizer(BPE({"a": 0, "b": 1, "c": 2, "ab": 3}, [("a", "b")]))
+    keep = probes.same_length(tok)
+    assert not keep(Pair("ca", "bc", "bb"))  # c ab c and c ab b: "ab" spans the context's end
+    assert keep(Pair("cc", "ac", "bc"))  # c c|a c and c c|b c
+    assert not keep(Pair("cc", "ab", "ba"))  # c c|ab against c c|b a: 1 token against 2
