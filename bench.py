@@ -19,6 +19,9 @@ size (VmHWM) of a fresh subprocess training one model alone.
 
 runs the seed's settings (58,133-token vocabulary, seq 2048, FP16 + GradScaler, checkpointing,
 the plan's micro-batch) on random token ids and reports tokens/s, MFU and peak memory vs plan.
+
+    python bench.py --loss               # the chunked loss against full logits: time, peak memory
+    python bench.py --probes runs/demo   # seconds to score 1,000 probe pairs on a run's model
 """
 import argparse
 import json
@@ -223,9 +226,10 @@ def recipe_steps(args, base_dir, device) -> dict:
 # ----------------------------------------------------------------------------------------------
 # The loss, the data stream and the tokenizer
 
-def loss_steps(args) -> dict:
-    """The chunked LM-head loss (forward + backward) against F.cross_entropy over full logits,
-    taking turns: N=2048 tokens, the seed's 58,133-token vocabulary padded to 58,176, fp32."""
+def loss_setup() -> dict:
+    """{way: a function computing the mean loss}: the chunked LM-head loss and F.cross_entropy
+    over full logits, on N=2048 tokens, the seed's 58,133-token vocabulary padded to 58,176,
+    fp32, seeded."""
     import torch.nn.functional as F
 
     from loss import cross_entropy_sum
@@ -235,21 +239,56 @@ def loss_steps(args) -> dict:
     # rows rounded up to a multiple of 64, as pad_vocab_to pads them; 0.02: GPT-2's init std
     w = (torch.randn(-(-V // 64) * 64, C) * 0.02).requires_grad_()
     y = torch.randint(0, V, (N,))
+
+    def no_grads():  # each run starts with no gradient to accumulate into
+        h.grad = w.grad = None
     # the same mean loss both ways; the naive one holds (N, V) logits, their softmax and their
     # gradient at once (about 1.4 GiB of fp32 here), the chunked one a chunk at a time
-    steps = {"chunked": lambda: cross_entropy_sum(h, w, y, V) / N,
-             "naive": lambda: F.cross_entropy((h @ w.T)[:, :V], y)}
-    times = {k: [] for k in steps}
+    return {"chunked": lambda: cross_entropy_sum(h, w, y, V) / N,
+            "naive": lambda: F.cross_entropy((h @ w.T)[:, :V], y), "no_grads": no_grads}
+
+
+def loss_steps(args) -> dict:
+    """The chunked loss (forward + backward) against full logits, taking turns; then each one's
+    peak resident memory, alone in a fresh process (the inputs' share is the same in both)."""
+    steps = loss_setup()
+    times = {k: [] for k in ("chunked", "naive")}
     for r in range(args.rounds + args.warmup):
-        for name, loss in steps.items():
+        for name in times:
             t0 = time.perf_counter()
-            loss().backward()
+            steps[name]().backward()
             if r >= args.warmup:
                 times[name].append(time.perf_counter() - t0)
-            h.grad = w.grad = None  # each run starts with no gradient to accumulate into
+            steps["no_grads"]()
     med = {k: statistics.median(v) for k, v in times.items()}
+    peak = {way: float(subprocess.run([sys.executable, __file__, "--_loss_peak", way],
+                                      capture_output=True, text=True, check=True).stdout)
+            for way in times}
     return {"chunked_s": med["chunked"], "naive_s": med["naive"],
-            "speedup_over_naive": med["naive"] / med["chunked"]}
+            "speedup_over_naive": med["naive"] / med["chunked"],
+            "chunked_peak_mib": peak["chunked"], "naive_peak_mib": peak["naive"]}
+
+
+def probe_speed(run: Path, n: int = 1000) -> dict:
+    """Seconds to score n grammar-probe pairs of a finished run's language on its final model
+    (probes.py, drawn as the run draws them, its word order filling up to n; batched as every
+    eval scores them), and the pairs' mean tokens per side."""
+    from evaluate import probe_loglikelihoods
+    from probes import make_probes, same_length
+    cfg = json.loads((run / "config.json").read_text())
+    tok = Tokenizer.from_file(str(run / "final" / "tokenizer.json"))
+    texts = data.eval_docs(cfg["eval_new"], cfg["probe_bytes"], cfg["text_field"])
+    made = make_probes(cfg["lang"], texts, max_pairs=n, keep=same_length(tok))
+    pairs = [pair for probe in made.values() for pair in probe][:n]
+    model = from_pretrained(run / "final").eval()
+    torch.set_num_threads(os.cpu_count())
+    t0 = time.perf_counter()
+    probe_loglikelihoods(model, tok, pairs, torch.device("cpu"), torch.autocast("cpu",
+                                                                              enabled=False))
+    seconds = time.perf_counter() - t0
+    tokens = sum(len(tok.encode(p.context + p.good).ids) for p in pairs) / len(pairs)
+    return {"pairs": len(pairs), "seconds": seconds, "tokens_per_side": tokens,
+            "probes": {name: len(probe) for name, probe in made.items()}}
 
 
 def packed_tokens_per_s(tokenizer_dir, seconds: float = 10.0) -> float:
@@ -299,9 +338,12 @@ def parse_args():
     p.add_argument("--recipe", action="store_true", help="the bori preset's step vs the plan")
     p.add_argument("--steps", type=int, default=30, help="timed steps with --recipe")
     p.add_argument("--loss", action="store_true", help="the chunked loss vs full logits")
+    p.add_argument("--probes", help="a finished run's out_dir: seconds to score 1,000 of its "
+                   "language's probe pairs on its final model")
     p.add_argument("--merged", help="a merged tokenizer folder (out_dir/tokenizer): its Korean "
                    "encoding speed beside the base's")
     p.add_argument("--_peak", help=argparse.SUPPRESS)  # peak_memory's own subprocess call
+    p.add_argument("--_loss_peak", help=argparse.SUPPRESS)  # loss_steps' own subprocess call
     args = p.parse_args()
     args.batch = args.batch if args.batch is not None else 0 if args.recipe else 1
     return args
@@ -334,6 +376,11 @@ def print_steps(result: dict, args, device):
 def main():
     """Run the benchmark the flags ask for, print it, and write --json."""
     args = parse_args()
+    if args._loss_peak:  # the subprocess of loss_steps(): one step of one loss, peak RSS
+        loss_setup()[args._loss_peak]().backward()
+        hwm = next(ln for ln in open("/proc/self/status") if ln.startswith("VmHWM"))
+        print(int(hwm.split()[1]) / 2**10)  # KiB -> MiB
+        return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     base_dir = resolve_base(args.base)
     if args._peak:  # the subprocess of peak_memory(): train a few steps, print peak RSS
@@ -346,8 +393,9 @@ def main():
         hwm = next(ln for ln in open("/proc/self/status") if ln.startswith("VmHWM"))
         print(int(hwm.split()[1]) / 2**20)  # KiB -> GiB
         return
-    if args.recipe or args.loss:
-        result = recipe_steps(args, base_dir, device) if args.recipe else loss_steps(args)
+    if args.recipe or args.loss or args.probes:
+        result = (recipe_steps(args, base_dir, device) if args.recipe else loss_steps(args)
+                  if args.loss else probe_speed(Path(args.probes)))
         print(", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                         for k, v in result.items()))
         if args.json:
