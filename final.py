@@ -230,8 +230,9 @@ def probes_table(cfg: dict, sizes: dict, records: list) -> list:
             "Minimal pairs made from held-out sentences (bori's probes.py): a sentence and the "
             "same sentence with one rule broken (Korean: a particle's other allomorph; "
             "Japanese: を/は/へ spelled as read; Vietnamese: another tone; every language: two "
-            "adjacent words swapped). Scored as lm-evaluation-harness's multiple-choice `acc`; "
-            "± is the 95% interval.", ""]
+            "adjacent words swapped), its two sides in as many tokens of the merged tokenizer, "
+            "so that a model that knows nothing scores 50%. Scored as lm-evaluation-harness's "
+            "multiple-choice `acc`; ± is the 95% interval.", ""]
 
 
 def phase_row(phase: dict, result: dict) -> str:

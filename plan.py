@@ -160,8 +160,9 @@ def phase_hours(tokens: int, flops: float, n_gpus: int, peak_tflops: float, mfu:
 def format_time(cfg: ModelConfig, seq_len: int, phases: list, checkpointing: bool, n_gpus: int,
                 peak_tflops: float, mfu: float) -> str:
     """The time estimate of phases [(name, tokens, whole_model)], a line each and the total."""
-    lines, total = [f"time at {mfu:.0%} MFU of {n_gpus} x {peak_tflops:g} TFLOP/s (an "
-                    "assumption, not a timing; --mfu changes it):"], 0.0
+    lines, total = [f"time of {count_params(cfg) / 1e6:.1f}M parameters at {mfu:.0%} MFU of "
+                    f"{n_gpus} x {peak_tflops:g} TFLOP/s (an assumption, not a timing; --mfu "
+                    "changes it):"], 0.0
     for name, tokens, whole in phases:
         flops = train_flops_per_token(cfg, seq_len, checkpointing, whole_model=whole)
         hours = phase_hours(tokens, flops, n_gpus=n_gpus, peak_tflops=peak_tflops, mfu=mfu)
