@@ -25,7 +25,7 @@ from tokenizer import SCRIPTS
 # Presets
 
 # Named sets of bori.Config's values (--preset=NAME); the defaults are the seed recipe.
-# The demo is the seed recipe shrunk to minutes on 2 CPU cores (README: 6.7 min for Korean):
+# The demo is the seed recipe shrunk to minutes on 2 CPU cores (6.5 min for Korean, docs/demo.txt):
 # micro_batch 2 x seq 256 = batch_tokens 512, so one process takes one micro-step per step;
 # decay is 6 of 30 steps, the seed's last 20%; tokenizer_bytes=0 trains the BPE on the whole
 # bundled corpus (2.5 MB of Korean, under the seed's 100 MB cut); no checkpointing: at seq 256 a
@@ -36,8 +36,9 @@ DEMO = dict(base=OFFLINE_BASE, data_en=data.BUNDLED["en_train"], eval_en=data.BU
             warmup_1b=3, decay_1b=6, grad_checkpointing=False, log_every=5, eval_every=15,
             ckpt_every=10, sample_tokens=24,  # offline, on a CPU: the bundled corpora
             # 200 pairs per probe (± about 5 points): scoring them 4 times costs about 2 of the
-            # demo's minutes on 2 cores, most of it the base model's long Korean token strings
-            probe_pairs=200)
+            # demo's minutes on 2 cores, most of it the base model's long Korean token strings;
+            # 200,000 bytes hold each bundled held-out file whole (the largest is 150 KB)
+            probe_pairs=200, probe_bytes=200_000)
 
 
 def language(code: str, demo: bool) -> dict:
