@@ -28,6 +28,7 @@ from tokenizers import Tokenizer
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
+import distill
 import tokenizer
 from atomic import atomic_file, disk_errors, read_json
 from checkpoint import (export_folder, latest_checkpoint, load_checkpoint, read_done,
@@ -72,7 +73,15 @@ class Config:
     unicode_script: str = "hangul"  # every new token holds this script (tokenizer.SCRIPTS)
     tokenizer_data: str = ""  # the new language's text for the BPE (empty: data_new)
     tokenizer_bytes: int = 100_000_000  # how much of it the BPE is trained on (0: all)
-    init: str = "eeve"  # eeve | mean | random
+    init: str = "eeve"  # eeve | distill (EEVE, then token distillation: distill.py) | mean | random
+    # init=distill: distill_contexts windows of distill_before + 1 + distill_after base tokens
+    distill_tokens: int = 0  # the most frequent new tokens distilled (0: all)
+    distill_contexts: int = 16
+    distill_before: int = 16
+    distill_after: int = 16
+    distill_steps: int = 6  # Adam steps on each group of tokens' windows
+    distill_lr: float = 3e-3  # 1e-2 overshoots (docs/distill-sweep.txt)
+    distill_bytes: int = 20_000_000  # training text the windows are taken from
     pad_vocab_to: int = 64  # tensor-core friendly rows; padding is never a target
     # batch: tokens per optimizer step = micro_batch * seq_len * world_size * grad_accum
     seq_len: int = 2048
@@ -492,7 +501,7 @@ def run_all(cfg: Config, env: DistEnv, stop: threading.Event, started: float) ->
         on_master(env, add_to_record, out, {"micro_batch_resolved": micro_batch,
                                             "grad_accum": grad_accum(cfg, env.world_size)})
         tok = Tokenizer.from_file(str(out / "tokenizer" / "tokenizer.json"))
-        model_dir = out / "init"
+        model_dir = distill.stage_distill(run) if cfg.init == "distill" else out / "init"
         for phase in phases:
             model_dir = run_phase(run, phase, start_dir=model_dir, tok=tok, n_old_rows=n_old_rows)
         run.check_stop("the final export")

@@ -38,7 +38,9 @@ DEMO = dict(base=OFFLINE_BASE, data_en=data.BUNDLED["en_train"], eval_en=data.BU
             # 200 pairs per probe (± about 5 points): scoring them 4 times costs about 2 of the
             # demo's minutes on 2 cores, most of it the base model's long Korean token strings;
             # 200,000 bytes hold each bundled held-out file whole (the largest is 150 KB)
-            probe_pairs=200, probe_bytes=200_000)
+            probe_pairs=200, probe_bytes=200_000,
+            # init=distill: the 128 most frequent new tokens, 4 windows of 8 + 1 + 8 tokens each
+            distill_tokens=128, distill_contexts=4, distill_before=8, distill_after=8)
 
 
 def language(code: str, demo: bool) -> dict:
@@ -270,7 +272,14 @@ def check_out_dir(cfg, corpora: list):
 
 def value_checks(cfg, phases: list) -> list:
     """(holds, the sentence when it does not) for every choice and range of Config's values."""
-    checks = [(cfg.init in ("eeve", "mean", "random"), "init must be eeve, mean or random"),
+    checks = [(cfg.init in ("eeve", "distill", "mean", "random"),
+               "init must be eeve, distill, mean or random"),
+              (min(cfg.distill_contexts, cfg.distill_before, cfg.distill_steps) > 0
+               and min(cfg.distill_tokens, cfg.distill_after, cfg.distill_bytes) >= 0,
+               "distill_contexts, distill_before and distill_steps must be > 0; distill_tokens,"
+               " distill_after and distill_bytes >= 0"),
+              (math.isfinite(cfg.distill_lr) and cfg.distill_lr > 0,
+               "distill_lr must be finite and > 0"),
               (cfg.unicode_script in SCRIPTS,
                f"unicode_script must be one of {sorted(SCRIPTS)} (or add its rule there)"),
               # "en" is the replay's source name: a new language called en would collide

@@ -3,10 +3,10 @@
     python experiments.py [--lang ko] [--out runs/experiments] [--steps_1a 40] [--steps_1b 60]
 
 1. Step-0 bits per byte of the new language (Korean unless --lang says otherwise) and English:
-   the base model (base tokenizer), and the expanded model with EEVE, mean and random init of
-   the new rows (merged tokenizer).
+   the base model (base tokenizer), and the expanded model with EEVE, EEVE + token distillation,
+   mean and random init of the new rows (merged tokenizer).
 2. The same after an equally short Phase 1A for each init; then, from EEVE's Phase 1A, an
-   equally short Phase 1B with and without the 10% English replay.
+   equally short Phase 1B with and without the 10% English replay, and from distill's with it.
 3. Tokens per character of the new language, and generation speed in tokens and characters per
    second.
 4. The grammar probes (probes.py) at each of those points.
@@ -30,12 +30,17 @@ from inputs import resolve_base
 from data import LANGUAGES, language_name
 from distributed import DistEnv
 from hf_io import from_pretrained
+from distill import stage_distill
 from prepare import eval_sets, probe_texts, read_probes, stage_init, stage_tokenizer
 from runlog import Metrics
 
-# EEVE and two simpler inits of the new rows (model.expand_vocab): the mean of all base rows,
-# and random rows with the base rows' spread; only the init differs between their runs
-INITS = ("eeve", "mean", "random")
+# EEVE, EEVE then token distillation (distill.py), and two simpler inits of the new rows
+# (model.expand_vocab): the mean of all base rows, and random rows with the base rows' spread;
+# only the init differs between their runs
+INITS = ("eeve", "distill", "mean", "random")
+
+# Phase 1B from EEVE's Phase 1A with and without the English replay, and from distill's with it
+ONE_B = ("replay", "no_replay", "distill_replay")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -71,22 +76,23 @@ def run_init(cfg, root: Path, init: str, base_dir: Path) -> Path:
     run = make_run(dataclasses.replace(cfg, init=init), out)
     stage_init(run, base_dir)  # logs the base model's line, then expands with `init`
     n_old = json.loads((out / "init" / "DONE.json").read_text())["n_old_rows"]
-    bori.run_phase(run, run.phases[0], start_dir=out / "init", tok=bori_tokenizer(out),
+    start = stage_distill(run) if init == "distill" else out / "init"
+    bori.run_phase(run, run.phases[0], start_dir=start, tok=bori_tokenizer(out),
                    n_old_rows=n_old)
     return out
 
 
-def run_1b(cfg, root: Path, name: str, mix: str) -> Path:
-    """Phase 1B from EEVE's Phase 1A (model and data position), with the given mix."""
+def run_1b(cfg, root: Path, name: str, mix: str, init: str = "eeve") -> Path:
+    """Phase 1B from init's Phase 1A (model and data position), with the given mix."""
     out, first = root / name, bori.recipe(cfg)[0]
     # Both Phase 1B runs start from one Phase 1A, its data position included, so the replay
     # is the only difference; the log is copied so that the base line and 1A's evals come along.
     if not (out / first.folder).is_dir():
-        shutil.copytree(root / "eeve" / "tokenizer", out / "tokenizer")
-        shutil.copytree(root / "eeve" / first.folder, out / first.folder)
-        shutil.copy(root / "eeve" / "metrics.jsonl", out / "metrics.jsonl")
+        shutil.copytree(root / init / "tokenizer", out / "tokenizer")
+        shutil.copytree(root / init / first.folder, out / first.folder)
+        shutil.copy(root / init / "metrics.jsonl", out / "metrics.jsonl")
     run = make_run(dataclasses.replace(cfg, mix_1b=mix), out)
-    n_old = json.loads((root / "eeve" / "init" / "DONE.json").read_text())["n_old_rows"]
+    n_old = json.loads((root / init / "init" / "DONE.json").read_text())["n_old_rows"]
     bori.run_phase(run, run.phases[1], start_dir=out / first.folder / "model",
                    tok=bori_tokenizer(out), n_old_rows=n_old)
     return out
@@ -160,7 +166,7 @@ def print_table(res: dict, lang: str):
         rows += [(f"{i}, step 0", f"step0_{lang}_bpb", "step0_en_bpb", i),
                  (f"{i}, after 1A", f"after_1a_{lang}_bpb", "after_1a_en_bpb", i)]
     rows += [(f"1B {n.replace('_', ' ')}", f"after_1b_{lang}_bpb", "after_1b_en_bpb", n)
-             for n in ("replay", "no_replay")]
+             for n in ONE_B]
     for label, new, en, key in rows:
         k, e = (res[new], res[en]) if key is None else (res[new][key], res[en][key])
         print(f"{label:<28}{k:>11.4f}{e:>9.4f}")
@@ -201,7 +207,7 @@ def results(cfg, args, runs: dict, root: Path, phases: list) -> dict:
         res[f"after_1a_{code}_bpb"] = {i: evals_of(runs[i], first.name)[-1][f"{code}_bpb"]
                                        for i in INITS}
         res[f"after_1b_{code}_bpb"] = {n: evals_of(runs[n], second.name)[-1][f"{code}_bpb"]
-                                       for n in ("replay", "no_replay")}
+                                       for n in ONE_B}
     # the grammar probes: the base, each init at step 0 and after 1A, each 1B at its end
     names = [k[:-4] for k in base if k.endswith("_acc")]
     res["probes"] = {name: {
@@ -209,7 +215,7 @@ def results(cfg, args, runs: dict, root: Path, phases: list) -> dict:
         **{f"{i}, step 0": evals_of(runs[i], first.name)[0][f"{name}_acc"] for i in INITS},
         **{f"{i}, after 1A": evals_of(runs[i], first.name)[-1][f"{name}_acc"] for i in INITS},
         **{f"1B {n.replace('_', ' ')}": evals_of(runs[n], second.name)[-1][f"{name}_acc"]
-           for n in ("replay", "no_replay")}} for name in names}
+           for n in ONE_B}} for name in names}
     res["probe_pairs"] = json.loads((root / "tokenizer" / "DONE.json").read_text())["probes"]
     # English relative to the base: the replay's claim is that this stays small
     res["en_drift_after_1b"] = {n: v / res["base_en_bpb"] - 1
@@ -247,6 +253,8 @@ def main(argv=None):
     runs = {init: run_init(cfg, root, init, base_dir) for init in INITS}
     runs["replay"] = run_1b(cfg, root, "replay", f"{lang}=0.9,en=0.1")
     runs["no_replay"] = run_1b(cfg, root, "no_replay", f"{lang}=1.0")
+    runs["distill_replay"] = run_1b(cfg, root, "distill_replay", f"{lang}=0.9,en=0.1",
+                                    init="distill")
     res = results(cfg, args, runs=runs, root=root, phases=phases)
     prompts = LANGUAGES[lang].prompts.split("|")[:2]  # the language's own, not English
     # the base model with its own tokenizer against the final replay model with the merged one

@@ -296,7 +296,8 @@ def model_card(run: Path) -> str:
                      f"({gain:.2f}x fewer tokens)")
     lines += [
         f"- new embedding rows initialised with `{cfg['init']}` (EEVE: the mean of the base "
-        "embeddings of each new token's pieces); " + (
+        "embeddings of each new token's pieces; distill: EEVE, then the most frequent new "
+        "tokens' rows fitted to the base's hidden states on their pieces, arXiv:2505.20133); " + (
             "the embedding is tied to the LM head, so the same row is also the token's output row"
             if tied else "the LM head's new rows start from each token's first piece's row"), "",
         "## Training", "",
@@ -390,6 +391,7 @@ def export_run(model_dir: Path, run: Path):
     # (their DONE.json says so), so a rerun skips them rather than training again
     if not cfg.get("keep_stage_models", True):
         prune_stage(run / "init", ["model.safetensors"])
+        prune_stage(run / "distill", ["init"])
         for phase in cfg["phases"]:
             prune_stage(run / phase["folder"], ["model"])
     summary(run)

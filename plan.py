@@ -174,6 +174,17 @@ def format_time(cfg: ModelConfig, seq_len: int, phases: list, checkpointing: boo
     return "\n".join(lines)
 
 
+def distill_flops(cfg: ModelConfig, contexts: int, window: int, steps: int,
+                  pieces: float) -> float:
+    """FLOPs token distillation (distill.py) spends on one new token: per window of `window`
+    tokens, `steps` forward and backward passes of the student (2/3 of a training token: no
+    weight gradients, as in Phase 1A, and no recompute), one more forward to measure (1/3),
+    and one forward of the teacher, longer by the token's pieces but one (1/3). Each position
+    is counted with the LM head, which only one position per window uses: an overestimate."""
+    full = flops_per_token(cfg, count_params(cfg), window)
+    return contexts * full * (window * (2 * steps + 1) + window + pieces - 1) / 3
+
+
 # ----------------------------------------------------------------------------------------------
 # The plan for a run
 
@@ -238,6 +249,14 @@ if __name__ == "__main__":
     p.add_argument("--gpus", type=int, default=2, help="GPUs training together")
     p.add_argument("--peak_tflops", type=float, default=65.0, help="a T4's fp16 peak: 65")
     p.add_argument("--mfu", type=float, default=ASSUMED_MFU, help="the share of it assumed")
+    p.add_argument("--distill_tokens", type=int, default=REFERENCE_NEW_TOKENS,
+                   help="new tokens distilled (init=distill)")
+    p.add_argument("--distill_contexts", type=int, default=16, help="windows per token")
+    p.add_argument("--distill_before", type=int, default=16, help="tokens before it")
+    p.add_argument("--distill_after", type=int, default=16, help="tokens after it")
+    p.add_argument("--distill_steps", type=int, default=6, help="Adam steps")
+    # the Korean demo tokenizer's 8,981 new tokens: 7.4 base pieces each on average
+    p.add_argument("--pieces", type=float, default=7.4, help="base pieces per new token")
     a = p.parse_args()
     try:
         cfg = preset(a.model, vocab_size=a.vocab, pad_vocab_to=64)
@@ -253,3 +272,9 @@ if __name__ == "__main__":
     print(format_time(cfg, a.seq_len, [("Phase 1A", a.steps_1a * a.batch_tokens, False),
                                        ("Phase 1B", a.steps_1b * a.batch_tokens, True)],
                       checkpointing=ckpt, n_gpus=a.gpus, peak_tflops=a.peak_tflops, mfu=a.mfu))
+    window = a.distill_before + 1 + a.distill_after
+    flops = distill_flops(cfg, a.distill_contexts, window, a.distill_steps, a.pieces)
+    hours = phase_hours(a.distill_tokens, flops, a.gpus, a.peak_tflops, a.mfu)
+    print(f"  and with --init=distill, before Phase 1A: {hours:.2f} h for {a.distill_tokens:,} "
+          f"tokens x {a.distill_contexts} windows of {window} tokens x {a.distill_steps} steps "
+          f"({flops / 1e9:,.0f} GFLOP a token, {a.pieces:g} pieces each)")

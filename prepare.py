@@ -118,25 +118,33 @@ def check_training_text(corpora: list, held_out: frozenset, text_field: str):
 def bpe_training_text(run):
     """The first tokenizer_bytes (0: all) of the new language's text the BPE is trained on:
     tokenizer_data, or else the new language's training source."""
-    cfg, total, new_language = run.cfg, 0, run.corpora[0]
-    path = cfg.tokenizer_data or new_language.train
-    with about("tokenizer_data" if cfg.tokenizer_data else new_language.train_flag):
-        for text in data.iter_texts([path], cfg.text_field, progress=True):
+    cfg, new_language = run.cfg, run.corpora[0]
+    flag = "tokenizer_data" if cfg.tokenizer_data else new_language.train_flag
+    return training_text(run, cfg.tokenizer_data or new_language.train, cfg.tokenizer_bytes,
+                         flag)
+
+
+def training_text(run, path: str, limit: int, flag: str):
+    """The first limit bytes (0: all) of path's text, held-out documents left out: the BPE's
+    and token distillation's text (flag: the setting that names path)."""
+    total = 0
+    with about(flag):
+        for text in data.iter_texts([path], run.cfg.text_field, progress=True):
             # reading 100 MB from the hub takes a while: a SIGTERM stops it here, not after
-            run.check_stop("the tokenizer was trained")
-            if data.text_key(text) in run.held_out:  # the BPE never sees held-out text either
+            run.check_stop("the text was read")
+            if data.text_key(text) in run.held_out:  # never held-out text
                 continue
             raw = text.encode("utf-8")
-            if cfg.tokenizer_bytes and total + len(raw) >= cfg.tokenizer_bytes:  # cut the last
+            if limit and total + len(raw) >= limit:  # cut the last
                 # the limit holds inside one huge document too; a character the cut splits
                 # is dropped rather than decoded as U+FFFD
-                yield raw[:cfg.tokenizer_bytes - total].decode("utf-8", errors="ignore")
+                yield raw[:limit - total].decode("utf-8", errors="ignore")
                 return
             yield text
             total += len(raw)
     if total == 0:
-        raise ValueError(f"tokenizer data {path!r} has no text; point data_new (or "
-                         "tokenizer_data) at text of the new language")
+        raise ValueError(f"--{flag}: {path!r} has no text that is not held out; point it at "
+                         "text of the new language")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,7 +264,7 @@ def stage_init(run, base_dir: Path):
     # each new row: the mean of its base pieces' rows (EEVE); with SmolLM2's tied head it is
     # the token's output row as well
     drop_padding_rows(base, emap["base_vocab_size"])  # a padded base: new ids follow its tokens
-    expand_vocab(base, emap["pieces"], cfg.init, cfg.seed)
+    expand_vocab(base, emap["pieces"], "eeve" if cfg.init == "distill" else cfg.init, cfg.seed)
     export_folder(base, tok_dir, init_dir)
     write_done(init_dir, {"base_bpb": scores, "n_old_rows": emap["base_vocab_size"],
                           "vocab_size": base.cfg.vocab_size})

@@ -40,6 +40,8 @@ def fixed_by_stage(phases: list) -> dict:
                       "tokenizer_data", "tokenizer_bytes", "eval_new", "eval_en", "eval_bytes",
                       "probe_bytes", "probe_pairs"],
         "init": ["init"],
+        "distill": ["distill_tokens", "distill_contexts", "distill_before", "distill_after",
+                    "distill_steps", "distill_lr", "distill_bytes"],
         # the batch's shape and the streams' seeds: every later phase takes the streams over
         phases[0].folder: ["pad_vocab_to", "seq_len", "micro_batch", "batch_tokens",
                            "new_rows_only", "seed"],
@@ -59,8 +61,10 @@ NO_RESULT = ("out_dir", "debug", "log_every", "max_hours", "stop_after_steps", "
 
 
 def has_state(stage: Path) -> bool:
-    """Whether a stage folder holds what a run would resume from: a DONE.json or a checkpoint."""
-    return (stage / "DONE.json").is_file() or any(stage.glob("ckpt-*"))
+    """Whether a stage folder holds what a run would resume from: a DONE.json, a checkpoint or
+    a group of distilled rows."""
+    return (stage / "DONE.json").is_file() or any(stage.glob("ckpt-*")) or \
+        any(stage.glob("groups/group-*"))
 
 
 def check_resume(cfg, phases: list, out: Path, world_size: int) -> bool:

@@ -87,6 +87,8 @@ def stage_settings(argv: list) -> dict:
     fixed = rundir.fixed_by_stage(bori.recipe(cfg))
     settings = {k: getattr(cfg, k) for k in fixed["tokenizer"] + fixed["init"]}
     settings["data_new"] = cfg.tokenizer_data or cfg.data_new
+    if settings["init"] == "distill":  # its init stage is EEVE's; distill/ is a stage of its own
+        settings["init"] = "eeve"
     return {k: str(v) for k, v in settings.items() if k not in ("tokenizer_data", "out_dir")}
 
 

@@ -187,6 +187,11 @@ BAD_INPUTS = {  # name: (argv builder, the sentence expected)
     "no batch": (flags(batch_tokens=0),
                  r"batch_tokens=0 is less than one micro-batch on each process 64 .*; try "
                  r"batch_tokens=64"),
+    "unknown init": (flags(init="distil"), r"init must be eeve, distill, mean or random"),
+    "no distillation steps": (flags(init="distill", distill_steps=0),
+                              r"distill_contexts, distill_before and distill_steps must be > 0"),
+    "infinite distillation lr": (flags(init="distill", distill_lr="inf"),
+                                 r"distill_lr must be finite and > 0"),
     "negative embedding decay": (flags(embed_weight_decay=-0.1),
                                  r"embed_weight_decay must be finite and >= 0"),
     "out_dir inside the data": (out_dir_in_data,

@@ -119,4 +119,14 @@ def test_the_time_estimate_is_the_seed_run_s_tokens_at_hand_counted_flops():
     for phase, h in hours.items():
         line = next(line for line in lines if line.strip().startswith(f"Phase {phase}"))
         assert line.split()[2:6] == [f"{h:.1f}", "h", f"{tokens[phase] / 1e6:,.0f}M", "tokens"]
-    assert lines[-1].split() == ["total", f"{hours['1A'] + hours['1B']:.1f}", "h"]
+    assert lines[-2].split() == ["total", f"{hours['1A'] + hours['1B']:.1f}", "h"]
+    # token distillation of every new token, at Config's settings: per window, 6 forward and
+    # backward passes of 33 tokens (2/3 each), one forward of 33 (1/3) and the teacher's of
+    # 33 + 7.4 - 1 (1/3); attention at 33 positions
+    assert (seed.distill_contexts, seed.distill_before, seed.distill_after,
+            seed.distill_steps, seed.distill_tokens) == (16, 16, 16, 6, 0)
+    window_flops = 6 * n + 12 * 30 * 9 * 64 * 33
+    per_token = 16 * window_flops * (33 * 12 / 3 + 33 / 3 + (33 + 6.4) / 3)
+    distill_hours = 8981 * per_token / rate
+    assert distill_hours < 0.15 * hours["1A"]  # small beside Phase 1A, as #25 asks
+    assert lines[-1].split()[6:8] == [f"{distill_hours:.2f}", "h"]
