@@ -28,7 +28,6 @@ from tokenizers import Tokenizer
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
-import distill
 import tokenizer
 from atomic import atomic_file, disk_errors, read_json
 from checkpoint import (export_folder, latest_checkpoint, load_checkpoint, read_done,
@@ -45,7 +44,7 @@ from inputs import check_sources
 from model import Llama, flops_per_token
 from plan import plan_for_run
 from prepare import (check_training_text, eval_sets, prepare_model, probe_texts,
-                     read_probes)
+                     read_probes, stage_distill)
 from rundir import RENAMED, add_to_record, record_run
 from runlog import Metrics, Progress, bytes_per_token, open_sink
 from schedule import lr_at
@@ -501,7 +500,7 @@ def run_all(cfg: Config, env: DistEnv, stop: threading.Event, started: float) ->
         on_master(env, add_to_record, out, {"micro_batch_resolved": micro_batch,
                                             "grad_accum": grad_accum(cfg, env.world_size)})
         tok = Tokenizer.from_file(str(out / "tokenizer" / "tokenizer.json"))
-        model_dir = distill.stage_distill(run) if cfg.init == "distill" else out / "init"
+        model_dir = stage_distill(run) if cfg.init == "distill" else out / "init"
         for phase in phases:
             model_dir = run_phase(run, phase, start_dir=model_dir, tok=tok, n_old_rows=n_old_rows)
         run.check_stop("the final export")

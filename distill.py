@@ -23,7 +23,8 @@ and t's row is fitted by Adam, everything else frozen, to two ends at once:
 No window holds another new token as itself, so each row is fitted alone: a group of tokens
 gives the same rows whichever rank computes it, in one process or several, and whether or not
 the run was killed between groups. Rank r fits groups r, r + world, ...; each group is a file of
-its own (distill/groups/), and rank 0 assembles distill/init once all are there.
+its own (distill/groups/), and rank 0 assembles distill/init once all are there
+(prepare.stage_distill runs the stage).
 """
 import time
 from dataclasses import dataclass
@@ -32,15 +33,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
-import data
 from atomic import atomic_file, disk_errors, read_json
 from checkpoint import export_folder, write_done
-from distributed import on_each_rank, on_master
 from hf_io import from_pretrained
-from prepare import training_text
 
 GROUP_TOKENS = 16  # new tokens fitted together: one batch of their windows, one file
 CHUNK_SEQUENCES = 32  # windows per forward pass (memory); gradients add up over a group's
@@ -183,7 +182,7 @@ def fit_my_groups(run, s: Settings, init_dir: Path, groups_dir: Path, tokens: li
     groups = [tokens[i:i + GROUP_TOKENS] for i in range(0, len(tokens), GROUP_TOKENS)]
     for g in range(env.rank, len(groups), env.world_size):
         path = groups_dir / f"group-{g:05d}.safetensors"
-        if path.is_file() and load_file(path)["tokens"].tolist() == groups[g]:
+        if fitted_already(path, groups[g]):
             continue  # fitted before a kill: the same rows again, so not again
         run.check_stop("token distillation went on")
         torch.manual_seed(cfg.seed + g)  # nothing draws today; a later change stays per group
@@ -197,6 +196,15 @@ def fit_my_groups(run, s: Settings, init_dir: Path, groups_dir: Path, tokens: li
             save_file(part, str(tmp))
         print(f"  rank {env.rank} group {g + 1}/{len(groups)}: loss {first:.4f} -> {last:.4f}",
               flush=True)
+
+
+def fitted_already(path: Path, group: list) -> bool:
+    """Whether path holds this group's rows; a damaged file (written whole, then harmed) is
+    not, and the group is fitted again."""
+    try:
+        return path.is_file() and load_file(path)["tokens"].tolist() == group
+    except (SafetensorError, KeyError):
+        return False
 
 
 def assemble(run, init_dir: Path, folder: Path, n_groups: int, started: float):
@@ -219,24 +227,3 @@ def assemble(run, init_dir: Path, folder: Path, n_groups: int, started: float):
     print(f"token distillation: {n_groups} groups, mean loss {record['loss_first']:.4f} -> "
           f"{record['loss_last']:.4f}, {record['seconds']:.0f} s", flush=True)
 
-
-def stage_distill(run) -> Path:
-    """out_dir/distill (every rank): the init model's new rows fitted by token distillation on
-    the first distill_bytes of the new language's training text; its model folder, for Phase
-    1A to start from. Skipped once its DONE.json exists."""
-    folder, init_dir = run.out / "distill", run.out / "init"
-    if (folder / "DONE.json").is_file():
-        return folder / "init"
-    started = time.time()
-    tok = Tokenizer.from_file(str(run.out / "tokenizer" / "tokenizer.json"))
-    n_old = read_json(init_dir / "DONE.json", f"delete {init_dir}")["n_old_rows"]
-    s = settings(run.cfg)
-    corpus = run.corpora[0]
-    texts = training_text(run, corpus.train, run.cfg.distill_bytes, corpus.train_flag)
-    found = windows(texts, tok, tok.token_to_id(data.EOS_TOKEN), n_old, s)
-    tokens = list(found)
-    (folder / "groups").mkdir(parents=True, exist_ok=True)
-    on_each_rank(run.env, fit_my_groups, run, s, init_dir, folder / "groups", tokens, found)
-    n_groups = -(-len(tokens) // GROUP_TOKENS)
-    on_master(run.env, assemble, run, init_dir, folder, n_groups, started)
-    return folder / "init"

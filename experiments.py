@@ -30,8 +30,8 @@ from inputs import resolve_base
 from data import LANGUAGES, language_name
 from distributed import DistEnv
 from hf_io import from_pretrained
-from distill import stage_distill
-from prepare import eval_sets, probe_texts, read_probes, stage_init, stage_tokenizer
+from prepare import (eval_sets, probe_texts, read_probes, stage_distill, stage_init,
+                     stage_tokenizer)
 from runlog import Metrics
 
 # EEVE, EEVE then token distillation (distill.py), and two simpler inits of the new rows

@@ -14,14 +14,17 @@ import dataclasses
 import hashlib
 import json
 import sys
+import time
 from pathlib import Path
 
 from tokenizers import Tokenizer
 
 import data
+import distill
 import tokenizer
 from atomic import atomic_dir, disk_errors, read_json, write_json, write_text
 from checkpoint import export_folder, read_done, write_done
+from distributed import on_each_rank, on_master
 from errors import about, warn
 from evaluate import evaluate, print_tokenizer_report, tokenizer_report
 from hf_io import from_pretrained
@@ -268,6 +271,30 @@ def stage_init(run, base_dir: Path):
     export_folder(base, tok_dir, init_dir)
     write_done(init_dir, {"base_bpb": scores, "n_old_rows": emap["base_vocab_size"],
                           "vocab_size": base.cfg.vocab_size})
+
+
+def stage_distill(run) -> Path:
+    """out_dir/distill (every rank, init=distill): the init model's new rows fitted by token
+    distillation (distill.py) on the first distill_bytes of the new language's training text;
+    its model folder, for Phase 1A to start from. Skipped once its DONE.json exists."""
+    folder, init_dir = run.out / "distill", run.out / "init"
+    if (folder / "DONE.json").is_file():
+        read_done(folder)
+        return folder / "init"
+    started, s, corpus = time.time(), distill.settings(run.cfg), run.corpora[0]
+    tok = Tokenizer.from_file(str(run.out / "tokenizer" / "tokenizer.json"))
+    n_old = read_json(init_dir / "DONE.json", f"delete {init_dir}")["n_old_rows"]
+    texts = training_text(run, corpus.train, run.cfg.distill_bytes, corpus.train_flag)
+    found = distill.windows(texts, tok, tok.token_to_id(data.EOS_TOKEN), n_old, s)
+    if not found and run.env.is_master:
+        warn(f"no new token occurs in the first {run.cfg.distill_bytes:,} bytes of "
+             f"--{corpus.train_flag} (distill_bytes): distill/init keeps EEVE's rows")
+    (folder / "groups").mkdir(parents=True, exist_ok=True)
+    on_each_rank(run.env, distill.fit_my_groups, run, s, init_dir, folder / "groups",
+                 list(found), found)
+    n_groups = -(-len(found) // distill.GROUP_TOKENS)
+    on_master(run.env, distill.assemble, run, init_dir, folder, n_groups, started)
+    return folder / "init"
 
 
 def prepare_model(run):

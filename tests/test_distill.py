@@ -9,7 +9,7 @@ from contextlib import nullcontext
 
 import pytest
 import torch
-from helpers import ENV, command, run_until, tiny_flags, weights
+from helpers import ENV, command, cut_short, run_until, tiny_flags, weights
 from tokenizers import Tokenizer
 
 import bori
@@ -139,16 +139,17 @@ def test_only_the_distilled_rows_change(distilled):
 
 def test_the_stage_resumes_after_a_kill_and_is_the_same_on_two_processes(
         tmp_path, tiny_base, fresh, distilled):
-    """Killed once the first group's file is written, run again: the same bytes; and under
-    torchrun with 2 processes, sharing the groups: the same bytes."""
+    """Killed once the first group's file is written, that file cut short, run again: the same
+    bytes; and under torchrun with 2 processes, sharing the groups: the same bytes."""
     reference = weights(distilled / "distill" / "init")
     for world in (1, 2):
         out = fresh(tmp_path / f"w{world}", **FLAGS)
         cmd = command(out, tiny_base, world, **FLAGS)  # the whole tiny run: 1A starts from it
         if world == 1:
-            run_until(cmd, lambda: any((out / "distill" / "groups").glob("group-*")),
-                      sig=signal.SIGKILL)
+            groups = out / "distill" / "groups"
+            run_until(cmd, lambda: any(groups.glob("group-*.safetensors")), sig=signal.SIGKILL)
             assert not (out / "distill" / "DONE.json").exists()
+            cut_short(next(groups.glob("group-*.safetensors")))  # harmed: fitted again
         done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr
         assert (out / "distill" / "DONE.json").is_file()
