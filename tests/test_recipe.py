@@ -648,8 +648,9 @@ def test_no_rank_trains_on_held_out_text_in_a_real_run(world, ko_files, en_files
     """bori.py itself, under torchrun with `world` gloo processes: each rank records every token
     its training streams give (tests/traced_run.py). Each source is also its own eval source,
     spelled another way (a relative path, DIR/./FILE, a symlink; a glob for English, as eval_en
-    defaults to data_en). No rank trains on a held-out document and the BPE reads none; the
-    ranks' documents in each pass are disjoint, and with the held-out ones the whole source."""
+    defaults to data_en). No rank trains on a held-out document, and neither the BPE nor token
+    distillation reads one; the ranks' documents in each pass are disjoint, and with the
+    held-out ones the whole source."""
     from tokenizers import Tokenizer
     korean = [f"문서 {i}번: " + "한국어 문장을 여기에 씁니다. " * (2 + i % 4) for i in range(60)]
     english = [f"Document {i}: " + "some words of text. " * (1 + i % 3) for i in range(60)]
@@ -665,7 +666,9 @@ def test_no_rank_trains_on_held_out_text_in_a_real_run(world, ko_files, en_files
     flags = tiny_flags(out, tiny_base, data_ko=ko, eval_ko=eval_ko, data_en=en,
                        eval_en=f"{en}/*.{en_files[1]}", mix_1b="ko=0.5,en=0.5", steps_1a=8,
                        steps_1b=16, batch_tokens=768, micro_batch=4, eval_every=100,
-                       ckpt_every=100, tokenizer_bytes=0, new_tokens=20)
+                       ckpt_every=100, tokenizer_bytes=0, new_tokens=20, init="distill",
+                       distill_tokens=4, distill_contexts=2, distill_before=4, distill_after=4,
+                       distill_steps=1)
     launcher = [] if world == 1 else ["-m", "torch.distributed.run", f"--nproc_per_node={world}",
                                       f"--master_port={free_port()}"]
     run = subprocess.run([sys.executable, *launcher, str(ROOT / "tests" / "traced_run.py"),
@@ -696,5 +699,8 @@ def test_no_rank_trains_on_held_out_text_in_a_real_run(world, ko_files, en_files
             passes = [{text for e, text in share if e == epoch} for share in shares]
             assert sum(map(len, passes)) == len(set().union(*passes)), (language, epoch)
             assert set().union(*passes) | held == set(texts), (language, epoch)
-    bpe = ranks[0]["bpe"]
-    assert bpe and set(bpe) <= set(korean) and not {data.text_key(t).hex() for t in bpe} & keys
+    # the BPE's text (rank 0) and token distillation's windows (every rank) hold none either
+    for rank, r in enumerate(ranks):
+        read = set(r["read"])
+        assert read and read <= set(korean), rank
+        assert not {data.text_key(t).hex() for t in read} & keys, rank

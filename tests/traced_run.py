@@ -5,8 +5,8 @@ Nothing in the run changes: three functions are wrapped to note their results. E
 TRACE_DIR/rank-R.json with every token id each of its training streams read, with the pass it
 belongs to, and how many of them it handed to training (one record per stream object: a phase's
 stream of a source), the held-out texts it was given and the text_key of every held-out
-document (the eval texts' and the grammar probes'), and, on the rank that trains the tokenizer,
-the texts the BPE read.
+document (the eval texts' and the grammar probes'), and the texts prepare.training_text gave it:
+the BPE's on rank 0, token distillation's (init=distill) on every rank.
 """
 import json
 import sys
@@ -16,7 +16,7 @@ import bori
 import data
 import prepare
 
-trace = {"streams": {}, "held_out": {}, "held_out_keys": [], "bpe": []}
+trace = {"streams": {}, "held_out": {}, "held_out_keys": [], "read": []}
 
 take, refill = data.PackedStream.take, data.PackedStream._refill
 
@@ -64,18 +64,18 @@ def traced_probe_texts(*args, **kwargs):  # the probes' documents are held out a
     return texts, keys
 
 
-bpe_training_text = prepare.bpe_training_text
+training_text = prepare.training_text
 
 
-def traced_bpe_training_text(run):
-    for text in bpe_training_text(run):
-        trace["bpe"].append(text)
+def traced_training_text(*args, **kwargs):  # the BPE's text and token distillation's
+    for text in training_text(*args, **kwargs):
+        trace["read"].append(text)
         yield text
 
 
 data.PackedStream.take, data.PackedStream._refill = traced_take, traced_refill
 bori.eval_sets, bori.probe_texts = traced_eval_sets, traced_probe_texts
-prepare.bpe_training_text = traced_bpe_training_text
+prepare.training_text = traced_training_text
 
 if __name__ == "__main__":
     out = Path(sys.argv[1])
