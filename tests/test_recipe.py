@@ -699,8 +699,9 @@ def test_no_rank_trains_on_held_out_text_in_a_real_run(world, ko_files, en_files
             passes = [{text for e, text in share if e == epoch} for share in shares]
             assert sum(map(len, passes)) == len(set().union(*passes)), (language, epoch)
             assert set().union(*passes) | held == set(texts), (language, epoch)
-    # the BPE's text (rank 0) and token distillation's windows (every rank) hold none either
-    for rank, r in enumerate(ranks):
-        read = set(r["read"])
+    bpe = ranks[0]["bpe"]
+    assert bpe and set(bpe) <= set(korean) and not {data.text_key(t).hex() for t in bpe} & keys
+    for rank, r in enumerate(ranks):  # token distillation's windows, on every rank: none either
+        read = set(r["distill"])
         assert read and read <= set(korean), rank
         assert not {data.text_key(t).hex() for t in read} & keys, rank

@@ -1,12 +1,12 @@
 """bori.py as it runs, each rank recording the text it trains on: `python traced_run.py TRACE_DIR
 --flags...` (under torchrun too). test_recipe's held-out test reads what it writes.
 
-Nothing in the run changes: three functions are wrapped to note their results. Each rank writes
+Nothing in the run changes: a few functions are wrapped to note their results. Each rank writes
 TRACE_DIR/rank-R.json with every token id each of its training streams read, with the pass it
 belongs to, and how many of them it handed to training (one record per stream object: a phase's
 stream of a source), the held-out texts it was given and the text_key of every held-out
-document (the eval texts' and the grammar probes'), and the texts prepare.training_text gave it:
-the BPE's on rank 0, token distillation's (init=distill) on every rank.
+document (the eval texts' and the grammar probes'), the texts the BPE read (on rank 0), and the
+texts token distillation took its windows from (init=distill, on every rank).
 """
 import json
 import sys
@@ -14,9 +14,10 @@ from pathlib import Path
 
 import bori
 import data
+import distill
 import prepare
 
-trace = {"streams": {}, "held_out": {}, "held_out_keys": [], "read": []}
+trace = {"streams": {}, "held_out": {}, "held_out_keys": [], "bpe": [], "distill": []}
 
 take, refill = data.PackedStream.take, data.PackedStream._refill
 
@@ -64,18 +65,27 @@ def traced_probe_texts(*args, **kwargs):  # the probes' documents are held out a
     return texts, keys
 
 
-training_text = prepare.training_text
+bpe_training_text = prepare.bpe_training_text
 
 
-def traced_training_text(*args, **kwargs):  # the BPE's text and token distillation's
-    for text in training_text(*args, **kwargs):
-        trace["read"].append(text)
+def traced_bpe_training_text(run):
+    for text in bpe_training_text(run):
+        trace["bpe"].append(text)
         yield text
+
+
+windows = distill.windows
+
+
+def traced_windows(texts, *args, **kwargs):  # the text token distillation takes windows from
+    texts = list(texts)
+    trace["distill"] += texts
+    return windows(texts, *args, **kwargs)
 
 
 data.PackedStream.take, data.PackedStream._refill = traced_take, traced_refill
 bori.eval_sets, bori.probe_texts = traced_eval_sets, traced_probe_texts
-prepare.training_text = traced_training_text
+prepare.bpe_training_text, distill.windows = traced_bpe_training_text, traced_windows
 
 if __name__ == "__main__":
     out = Path(sys.argv[1])
